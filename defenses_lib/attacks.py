@@ -1,0 +1,206 @@
+"""White-box attacks in pixel space: FGSM, PGD (l_inf and l_2), an EOT wrapper and a BPDA helper.
+
+Conventions (those of torchattacks and RobustBench): images in [0, 1], ``eps`` in that scale, the
+model returns logits (or log-probabilities) and owns its normalisation. Every attack switches the
+model to eval mode and restores the mode it found; it never leaves the eps ball or [0, 1]; one
+PGD step costs exactly one forward and one backward pass.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+NORMS = ("linf", "l2")
+LOSSES = ("ce", "margin", "dlr")
+
+
+@contextmanager
+def eval_mode(model: nn.Module):
+    """Put ``model`` in eval mode for the block and restore each submodule's mode afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def check_inputs(x: torch.Tensor, y: torch.Tensor | None = None, eps: float | None = None, norm: str | None = None):
+    """Raise a clear ValueError unless x is (N, C, H, W) in [0, 1], y is (N,) and eps >= 0."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"x must be a tensor of shape (N, C, H, W), got {shape}")
+    if not x.is_floating_point():
+        raise ValueError(f"x must be a floating-point tensor with pixels in [0, 1], got dtype {x.dtype}")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < -1e-6 or hi > 1 + 1e-6:
+        raise ValueError(f"x must hold pixels in [0, 1] (normalisation belongs inside the model), got range [{lo:.3g}, {hi:.3g}]")
+    if y is not None and (y.dim() != 1 or y.shape[0] != x.shape[0]):
+        raise ValueError(f"y must have shape ({x.shape[0]},) to match x, got {tuple(y.shape)}")
+    if eps is not None and not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps}")
+    if norm is not None and norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+
+
+def attack_loss(logits: torch.Tensor, y: torch.Tensor, loss: str = "ce", targeted: bool = False) -> torch.Tensor:
+    """Per-example loss the attacker maximises: cross-entropy, CW margin or DLR (Croce and Hein)."""
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    if loss == "ce":
+        out = F.cross_entropy(logits, y, reduction="none")
+        return -out if targeted else out
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), -torch.inf).amax(1)
+    margin = (true - other) if targeted else (other - true)
+    if loss == "margin":
+        return margin
+    top = logits.sort(1, descending=True).values
+    return margin / (top[:, 0] - top[:, 2] + 1e-12)
+
+
+def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+    """Project onto the eps ball around x, then onto [0, 1] (which keeps it in the ball)."""
+    delta = x_adv - x
+    if norm == "linf":
+        delta = delta.clamp(-eps, eps)
+    else:
+        n = delta.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+        delta = delta * (eps / n).clamp(max=1.0)
+    return (x + delta).clamp(0, 1)
+
+
+def _random_start(x: torch.Tensor, eps: float, norm: str, generator: torch.Generator | None) -> torch.Tensor:
+    """A uniform random point of the eps ball (l_inf cube or l_2 ball), clipped to [0, 1]."""
+    if norm == "linf":
+        delta = (torch.rand(x.shape, generator=generator, device=x.device) * 2 - 1) * eps
+    else:
+        d = torch.randn(x.shape, generator=generator, device=x.device)
+        d = d / d.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+        r = torch.rand(x.shape[0], generator=generator, device=x.device) ** (1.0 / x[0].numel())
+        delta = d * (eps * r).view(-1, 1, 1, 1)
+    return (x + delta).clamp(0, 1)
+
+
+def _step(grad: torch.Tensor, alpha: float, norm: str) -> torch.Tensor:
+    """The steepest-ascent step of size alpha for the norm."""
+    if norm == "linf":
+        return alpha * grad.sign()
+    return alpha * grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+
+
+def _success(logits: torch.Tensor, y: torch.Tensor, targeted: bool) -> torch.Tensor:
+    """Which examples the attack has already won: misclassified, or classified as the target."""
+    pred = logits.argmax(1)
+    return pred == y if targeted else pred != y
+
+
+def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, loss: str = "ce") -> torch.Tensor:
+    """Fast Gradient Sign Method (Goodfellow et al.): one signed-gradient step of size eps."""
+    return pgd(model, x, y, eps, alpha=eps, steps=1, norm="linf", random_start=False, loss=loss)
+
+
+def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float | None = None,
+        steps: int = 40, norm: str = "linf", random_start: bool = True, restarts: int = 1,
+        loss: str = "ce", targeted: bool = False, early_stop: bool = True,
+        generator: torch.Generator | None = None) -> torch.Tensor:
+    """Projected gradient descent (Madry et al.) with random start and restarts.
+
+    Each step evaluates the current iterate (one forward), keeps it and stops on that example if it
+    already fools the model, and moves the others along the gradient (one backward). A restart
+    attacks only the examples no earlier restart fooled. ``early_stop=False`` runs every step on
+    every example and returns the last iterate (Madry et al.'s training attack; one restart only).
+    With ``targeted=True``, ``y`` holds the target classes. ``alpha`` defaults to 2.5 * eps / steps.
+    """
+    check_inputs(x, y, eps, norm)
+    if steps < 1 or restarts < 1:
+        raise ValueError(f"steps and restarts must be >= 1, got steps={steps}, restarts={restarts}")
+    if restarts > 1 and not early_stop:
+        raise ValueError("restarts > 1 needs early_stop=True (a restart attacks the examples not yet fooled)")
+    alpha = 2.5 * eps / steps if alpha is None else alpha
+    x, y = x.detach(), y.detach()
+    best = x.clone()
+    todo = torch.ones(len(x), dtype=torch.bool, device=x.device)
+    with eval_mode(model):
+        for _ in range(restarts):
+            idx = todo.nonzero().flatten()
+            if len(idx) == 0:
+                break
+            xs, ys = x[idx], y[idx]
+            x_adv = _random_start(xs, eps, norm, generator) if random_start else xs.clone()
+            for _ in range(steps):
+                x_adv.requires_grad_(True)
+                logits = model(x_adv)
+                hit = _success(logits.detach(), ys, targeted) & early_stop
+                best[idx[hit]] = x_adv.detach()[hit]
+                todo[idx[hit]] = False
+                grad, = torch.autograd.grad(attack_loss(logits, ys, loss, targeted).sum(), x_adv)
+                x_adv = project(x_adv.detach() + _step(grad, alpha, norm), xs, eps, norm)
+                idx, xs, ys, x_adv = idx[~hit], xs[~hit], ys[~hit], x_adv[~hit]
+                if len(idx) == 0:
+                    break
+            best[idx] = x_adv
+    return best.detach()
+
+
+class EOT(nn.Module):
+    """Expectation over transformation: log of the softmax averaged over ``draws`` runs of a random model.
+
+    Any attack run on ``EOT(model, draws)`` follows the gradient of the expected prediction, and its
+    accuracy is the accuracy of the expected prediction, not of one lucky draw (Athalye et al.).
+    """
+
+    def __init__(self, model: nn.Module, draws: int = 20):
+        super().__init__()
+        if draws < 1:
+            raise ValueError(f"draws must be >= 1, got {draws}")
+        self.model, self.draws = model, draws
+
+    def forward(self, x):
+        n = x.shape[0]
+        probs = self.model(x.repeat(self.draws, *([1] * (x.dim() - 1)))).softmax(1)
+        return probs.view(self.draws, n, -1).mean(0).clamp_min(1e-12).log()
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: the non-differentiable function. Backward: the gradient of the surrogate."""
+
+    @staticmethod
+    def forward(ctx, x, fx):
+        return fx
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def bpda(forward, surrogate=None):
+    """Backward Pass Differentiable Approximation (Athalye et al.): run ``forward``, differentiate ``surrogate``.
+
+    With no surrogate the backward pass is the identity (straight-through).
+    """
+    def wrapped(x):
+        fx = forward(x).detach()
+        if surrogate is None:
+            return _StraightThrough.apply(x, fx)
+        sx = surrogate(x)
+        return sx + (fx - sx).detach()
+
+    return wrapped
+
+
+class BPDA(nn.Module):
+    """A module version of :func:`bpda`, to put a non-differentiable step inside an ``nn.Sequential``."""
+
+    def __init__(self, forward, surrogate=None):
+        super().__init__()
+        self.fn = bpda(forward, surrogate)
+
+    def forward(self, x):
+        return self.fn(x)

@@ -1,0 +1,252 @@
+"""One evaluation path for every chapter: clean and robust accuracy, the per-example worst case over
+attacks, accuracy-vs-eps curves, an AutoAttack adapter and the gradient-masking sanity checks.
+
+An *attack* is any callable ``attack(model, x, y) -> x_adv``; ``functools.partial(pgd, eps=0.1)``
+is one.
+"""
+
+from __future__ import annotations
+
+import html
+import time
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .attacks import check_inputs, eval_mode, fgsm, pgd
+from .training import model_device
+
+
+def _batches(n: int, batch_size: int):
+    """Slices that cover range(n) in batches."""
+    return [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    """The model's predicted classes for x, in eval mode, in batches."""
+    dev = model_device(model)
+    with eval_mode(model):
+        return torch.cat([model(x[s].to(dev)).argmax(1).cpu() for s in _batches(len(x), batch_size)])
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> float:
+    """Clean accuracy of the model on (x, y)."""
+    check_inputs(x, y)
+    return (predict(model, x, batch_size) == y).float().mean().item()
+
+
+def run_attack(attack, model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 250,
+               desc: str | None = None) -> torch.Tensor:
+    """Run an attack over (x, y) in batches on the model's device, with a progress bar; returns x_adv."""
+    check_inputs(x, y)
+    dev = model_device(model)
+    parts = [attack(model, x[s].to(dev), y[s].to(dev)).cpu()
+             for s in tqdm(_batches(len(x), batch_size), desc=desc, leave=False, disable=desc is None)]
+    return torch.cat(parts)
+
+
+@dataclass
+class RobustResult:
+    """Per-example correctness under clean inputs and each attack, and the worst case over them."""
+
+    correct: dict[str, torch.Tensor]
+    seconds: dict[str, float] = field(default_factory=dict)
+    setting: str = ""
+
+    @property
+    def n(self) -> int:
+        """Number of test examples."""
+        return len(next(iter(self.correct.values())))
+
+    @property
+    def worst_case(self) -> torch.Tensor:
+        """An example counts as robust only if it is right clean and under every attack."""
+        return torch.stack(list(self.correct.values())).all(0)
+
+    def accuracy(self) -> dict[str, float]:
+        """Accuracy per row, the worst case last."""
+        acc = {k: v.float().mean().item() for k, v in self.correct.items()}
+        acc["worst case"] = self.worst_case.float().mean().item()
+        return acc
+
+    def __str__(self) -> str:
+        rows = [f"{k:<28}{100 * v:6.1f}%" for k, v in self.accuracy().items()]
+        return "\n".join([f"n = {self.n} {self.setting}".rstrip()] + rows)
+
+    def _repr_html_(self) -> str:
+        return table_html({k: {"accuracy (%)": 100 * v} for k, v in self.accuracy().items()},
+                          caption=f"n = {self.n} {self.setting}")
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: dict, batch_size: int = 250,
+             setting: str = "") -> RobustResult:
+    """Clean accuracy, accuracy under each named attack, and the per-example worst case."""
+    check_inputs(x, y)
+    correct = {"clean": predict(model, x) == y}
+    seconds = {}
+    for name, attack in attacks.items():
+        t0 = time.perf_counter()
+        x_adv = run_attack(attack, model, x, y, batch_size, desc=name)
+        correct[name] = predict(model, x_adv) == y
+        seconds[name] = time.perf_counter() - t0
+    return RobustResult(correct, seconds, setting)
+
+
+def eps_curve(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_list, attack=pgd, batch_size: int = 250,
+              **attack_kwargs) -> dict[float, float]:
+    """Accuracy under ``attack(model, x, y, eps=e, **attack_kwargs)`` for each eps (eps = 0 is clean)."""
+    curve = {}
+    for e in tqdm(list(eps_list), desc="eps curve", leave=False):
+        x_adv = x if e == 0 else run_attack(partial(attack, eps=e, **attack_kwargs), model, x, y, batch_size)
+        curve[float(e)] = (predict(model, x_adv) == y).float().mean().item()
+    return curve
+
+
+def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str = "linf",
+               version: str = "standard", attacks=None, n_target_classes: int | None = None,
+               square_queries: int | None = None, seed: int = 0, batch_size: int = 250) -> torch.Tensor:
+    """AutoAttack (Croce and Hein, PyPI ``pyautoattack``) on the model; returns the adversarial examples.
+
+    ``version`` is 'standard' (APGD-CE, APGD-T, FAB-T, Square), 'rand' (APGD-CE and APGD-DLR with
+    EOT over 20 draws, for randomized defenses) or 'custom' with ``attacks`` a subset of
+    ['apgd-ce', 'apgd-dlr', 'apgd-t', 'fab', 'fab-t', 'square'].
+    """
+    from pyautoattack import AutoAttack
+
+    check_inputs(x, y, eps, norm)
+    dev = model_device(model)
+    with eval_mode(model):
+        aa = AutoAttack(model, eps=eps, norm={"linf": "Linf", "l2": "L2"}[norm], version=version,
+                        attacks=attacks, seed=seed, device=dev)
+        aa.verbose = False
+        if n_target_classes is not None:
+            aa.apgd_targeted.n_target_classes = aa.fab.n_target_classes = n_target_classes
+        if square_queries is not None:
+            aa.square.n_queries = square_queries
+        x_adv, _ = aa.run_standard_evaluation(x.to(dev), y.to(dev), batch_size=batch_size)
+    return x_adv.detach().cpu()
+
+
+def square_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str = "linf",
+                  n_queries: int = 1000, seed: int = 0) -> torch.Tensor:
+    """The black-box Square attack (Andriushchenko et al.), from AutoAttack's package."""
+    from pyautoattack.square import SquareAttack
+
+    check_inputs(x, y, eps, norm)
+    with eval_mode(model), torch.no_grad():
+        sq = SquareAttack(model, norm={"linf": "Linf", "l2": "L2"}[norm], n_queries=n_queries, eps=eps,
+                          p_init=0.8, n_restarts=1, seed=seed, verbose=False, resc_schedule=False,
+                          device=model_device(model))
+        return sq.perturb(x.to(model_device(model)), y.to(model_device(model))).cpu()
+
+
+def table_html(rows: dict[str, dict[str, float]], caption: str = "", digits: int = 1) -> str:
+    """A small HTML table from {row: {column: value}}."""
+    cols = list(dict.fromkeys(c for r in rows.values() for c in r))
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    body = "".join(
+        "<tr><th>" + html.escape(str(r)) + "</th>"
+        + "".join(f"<td>{v:.{digits}f}</td>" if isinstance(v, float) else f"<td>{html.escape(str(v))}</td>"
+                  for v in (vals.get(c, "") for c in cols)) + "</tr>"
+        for r, vals in rows.items())
+    cap = f"<caption>{html.escape(caption)}</caption>" if caption else ""
+    return f"<table>{cap}<thead><tr><th></th>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+@dataclass
+class Check:
+    """One sanity check: its name, whether it passed, and the numbers behind it."""
+
+    name: str
+    passed: bool | None  # None: not applicable
+    detail: str
+
+
+@dataclass
+class SanityReport:
+    """The gradient-masking sanity checks of EVALUATION.md, readable as text or HTML."""
+
+    checks: list[Check]
+    setting: str
+
+    @property
+    def passed(self) -> bool:
+        """True when no applicable check failed."""
+        return all(c.passed is not False for c in self.checks)
+
+    def status(self, c: Check) -> str:
+        """PASS, FAIL or N/A."""
+        return "N/A" if c.passed is None else ("PASS" if c.passed else "FAIL")
+
+    def __str__(self) -> str:
+        lines = [f"Sanity checks ({self.setting}): {'all passed' if self.passed else 'FAILED'}"]
+        lines += [f"  [{self.status(c):4}] {c.name}: {c.detail}" for c in self.checks]
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        rows = {c.name: {"status": self.status(c), "evidence": c.detail} for c in self.checks}
+        return table_html(rows, caption=f"Sanity checks ({self.setting}): {'all passed' if self.passed else 'FAILED'}")
+
+
+def is_randomized(model: nn.Module, x: torch.Tensor) -> bool:
+    """Whether two forward passes on the same input give different outputs."""
+    dev = model_device(model)
+    with eval_mode(model), torch.no_grad():
+        return not torch.allclose(model(x.to(dev)), model(x.to(dev)))
+
+
+def sanity_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str = "linf",
+                  steps: int = 40, large_eps: float | None = None, n_queries: int = 1000,
+                  fixed_model: nn.Module | None = None, tol: float = 0.03, num_classes: int = 10,
+                  batch_size: int = 250) -> SanityReport:
+    """Run the five gradient-masking checks of EVALUATION.md on (x, y) at budget eps; return a report.
+
+    1. PGD is at least as strong as FGSM (l_inf) or a one-step attack (l_2).
+    2. Accuracy falls with eps (at eps/2, eps, 2 eps, ``large_eps``) and is below chance + tol at ``large_eps``.
+    3. Twice the steps and two restarts change PGD's accuracy by at most ``tol``.
+    4. The black-box Square attack (``n_queries``) is not stronger than PGD by more than ``tol``.
+    5. For a randomized model: PGD against ``fixed_model`` (the same defense with its randomness
+       fixed) is at least as strong as against the randomized one. Not applicable to a deterministic model.
+    """
+    check_inputs(x, y, eps, norm)
+    large_eps = large_eps if large_eps is not None else (0.5 if norm == "linf" else 4 * eps)
+    alpha = 2.5 * eps / steps
+    acc = lambda m, xa: (predict(m, xa) == y).float().mean().item()  # noqa: E731
+    atk = lambda m, **kw: run_attack(partial(pgd, norm=norm, **kw), m, x, y, batch_size)  # noqa: E731
+    a_pgd = acc(model, atk(model, eps=eps, steps=steps, alpha=alpha))
+    one_step = (run_attack(partial(fgsm, eps=eps), model, x, y, batch_size) if norm == "linf"
+                else atk(model, eps=eps, steps=1, alpha=eps, random_start=False))
+    a_one = acc(model, one_step)
+    checks = [Check("iterative beats single-step", a_pgd <= a_one + 1e-9,
+                    f"PGD-{steps} {100 * a_pgd:.1f}% <= {'FGSM' if norm == 'linf' else 'one step'} {100 * a_one:.1f}%")]
+
+    curve = {e: acc(model, atk(model, eps=e, steps=steps, alpha=2.5 * e / steps)) for e in (eps / 2, 2 * eps, large_eps)}
+    curve[eps] = a_pgd
+    curve = dict(sorted(curve.items()))
+    vals = list(curve.values())
+    monotone = all(b <= a + tol for a, b in zip(vals, vals[1:]))
+    chance = 1 / num_classes
+    checks.append(Check("accuracy falls with eps to chance", monotone and vals[-1] <= chance + tol,
+                        ", ".join(f"eps {e:.3g}: {100 * a:.1f}%" for e, a in curve.items()) + f" (chance {100 * chance:.0f}%)"))
+
+    a_more = acc(model, atk(model, eps=eps, steps=2 * steps, alpha=2.5 * eps / (2 * steps), restarts=2))
+    checks.append(Check("attack has converged", abs(a_more - a_pgd) <= tol,
+                        f"PGD-{steps} {100 * a_pgd:.1f}% vs PGD-{2 * steps} x 2 restarts {100 * a_more:.1f}%"))
+
+    a_sq = acc(model, square_attack(model, x, y, eps, norm, n_queries))
+    checks.append(Check("black-box not stronger than white-box", a_sq >= min(a_pgd, a_more) - tol,
+                        f"Square ({n_queries} queries) {100 * a_sq:.1f}% >= PGD {100 * min(a_pgd, a_more):.1f}%"))
+
+    if not is_randomized(model, x[:8]):
+        checks.append(Check("fixed randomness: attack succeeds", None, "deterministic model: no randomness to fix"))
+    elif fixed_model is None:
+        checks.append(Check("fixed randomness: attack succeeds", False, "randomized model: pass fixed_model to run this check"))
+    else:
+        a_fixed = acc(fixed_model, atk(fixed_model, eps=eps, steps=steps, alpha=alpha))
+        checks.append(Check("fixed randomness: attack succeeds", a_fixed <= a_pgd + tol,
+                            f"PGD on the fixed-randomness model {100 * a_fixed:.1f}% <= on the randomized one {100 * a_pgd:.1f}%"))
+    return SanityReport(checks, f"{norm} eps = {eps:g}, n = {len(y)}")

@@ -1,0 +1,64 @@
+"""The figures the chapters share: accuracy-vs-eps curves and image grids with predictions."""
+
+from __future__ import annotations
+
+import io
+
+import matplotlib.pyplot as plt
+import torch
+
+
+def plot_eps_curves(curves: dict[str, dict[float, float]], title: str = "", xlabel: str = r"$\epsilon$ ($\ell_\infty$)",
+                    chance: float | None = 0.1, ax=None):
+    """Accuracy (%) against eps, one line per model."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5.5, 3.6))
+    for name, curve in curves.items():
+        ax.plot(list(curve), [100 * a for a in curve.values()], marker="o", label=name)
+    if chance is not None:
+        ax.axhline(100 * chance, color="grey", ls=":", lw=1, label="chance")
+    ax.set(xlabel=xlabel, ylabel="accuracy (%)", ylim=(-2, 102), title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return ax
+
+
+def _imshow(ax, img: torch.Tensor, title: str = "", cmap=None):
+    """Show a CHW image in [0, 1] (or a signed perturbation with cmap='seismic') without axes."""
+    arr = img.detach().cpu()
+    if arr.shape[0] == 1:
+        arr = arr[0]
+    else:
+        arr = arr.permute(1, 2, 0)
+    if cmap == "seismic":
+        m = float(arr.abs().max()) or 1.0
+        ax.imshow(arr if arr.dim() == 2 else arr.mean(-1), cmap=cmap, vmin=-m, vmax=m)
+    else:
+        ax.imshow(arr.clamp(0, 1), cmap="gray" if arr.dim() == 2 else None, vmin=0, vmax=1)
+    ax.set_title(title, fontsize=9)
+    ax.set_axis_off()
+
+
+def show_adversarial(x: torch.Tensor, x_adv: torch.Tensor, pred: torch.Tensor, pred_adv: torch.Tensor,
+                     y: torch.Tensor, classes=None, title: str = ""):
+    """Rows of (clean, perturbation, adversarial) images with the model's predictions."""
+    name = (lambda k: classes[int(k)]) if classes is not None else (lambda k: str(int(k)))
+    fig, axes = plt.subplots(len(x), 3, figsize=(5.4, 1.9 * len(x)), squeeze=False)
+    for i in range(len(x)):
+        ok = "right" if pred[i] == y[i] else "wrong"
+        ok_adv = "right" if pred_adv[i] == y[i] else "wrong"
+        _imshow(axes[i, 0], x[i], f"clean: {name(pred[i])} ({ok})")
+        _imshow(axes[i, 1], x_adv[i] - x[i], f"perturbation, max {float((x_adv[i] - x[i]).abs().max()):.2f}", cmap="seismic")
+        _imshow(axes[i, 2], x_adv[i], f"adversarial: {name(pred_adv[i])} ({ok_adv})")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def figure_png(fig, dpi: int = 80) -> bytes:
+    """A matplotlib figure as PNG bytes; the figure is closed."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()

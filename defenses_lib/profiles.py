@@ -1,0 +1,55 @@
+"""The two scales of every chapter: ``quick`` (real data, a 2-core CPU, minutes) and ``paper`` (a GPU).
+
+A chapter picks its settings with ``get_profile("chapter")``; the profile's name comes from the
+argument, else the ``DEFENSES_PROFILE`` environment variable, else ``quick``.
+"""
+
+from __future__ import annotations
+
+import os
+
+PROFILE_ENV = "DEFENSES_PROFILE"
+
+
+class Profile(dict):
+    """A chapter's settings for one profile, readable as attributes (``P.epochs``)."""
+
+    def __getattr__(self, key):
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(f"profile {self.get('name')!r} has no setting {key!r}") from None
+
+    def __str__(self) -> str:
+        width = max(map(len, self))
+        return "\n".join(f"{k:<{width}}  {v}" for k, v in self.items())
+
+
+PROFILES: dict[str, dict[str, dict]] = {
+    "foundations": {
+        "quick": dict(
+            dataset="mnist", arch="mnist_cnn", n_train=12_000, n_test=500, batch_size=128, lr=1e-3,
+            epochs_standard=2, epochs_at=2, train_eps=0.1, train_steps=5, train_alpha=0.03, trades_beta=3.0,
+            eval_eps=(0.1, 0.3), eval_steps=40, eval_alpha=0.01, curve_eps=(0.0, 0.05, 0.1, 0.15, 0.2, 0.3),
+            aa_n=100, aa_version="custom", aa_attacks=("apgd-ce", "apgd-t"), aa_targets=3,
+            sanity_n=100, square_queries=1000, seed=0,
+        ),
+        "paper": dict(
+            dataset="mnist", arch="mnist_cnn", n_train=60_000, n_test=10_000, batch_size=128, lr=1e-3,
+            epochs_standard=10, epochs_at=30, train_eps=0.3, train_steps=40, train_alpha=0.01, trades_beta=6.0,
+            eval_eps=(0.1, 0.3), eval_steps=100, eval_alpha=0.01, curve_eps=(0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4),
+            aa_n=1000, aa_version="standard", aa_attacks=None, aa_targets=None,
+            sanity_n=1000, square_queries=5000, seed=0,
+        ),
+    },
+}
+
+
+def get_profile(chapter: str, name: str | None = None) -> Profile:
+    """The settings of ``chapter`` for profile ``name`` (default: $DEFENSES_PROFILE, else 'quick')."""
+    name = name or os.environ.get(PROFILE_ENV, "quick")
+    if chapter not in PROFILES:
+        raise ValueError(f"chapter must be one of {sorted(PROFILES)}, got {chapter!r}")
+    if name not in PROFILES[chapter]:
+        raise ValueError(f"profile must be one of {sorted(PROFILES[chapter])}, got {name!r}")
+    return Profile(name=name, **PROFILES[chapter][name])

@@ -1,0 +1,203 @@
+"""One training loop for every chapter, with pluggable losses, seeds, progress and resumable checkpoints.
+
+A loss is any callable ``loss_fn(model, x, y) -> scalar``. If it is an ``nn.Module`` with parameters
+of its own (a learned dual variable, say), the loop optimises them with the model's and saves them
+in the checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .attacks import check_inputs, eval_mode, pgd, project
+
+RUNS_ENV = "DEFENSES_RUNS"
+
+
+def pick_device(prefer: str | None = None) -> torch.device:
+    """The given device, else CUDA, then Apple MPS, then the CPU."""
+    if prefer:
+        return torch.device(prefer)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of a model's first parameter (the CPU for a model without any)."""
+    return next(model.parameters(), torch.empty(0)).device
+
+
+class CrossEntropy(nn.Module):
+    """Standard training: cross-entropy on clean inputs."""
+
+    def forward(self, model, x, y):
+        return F.cross_entropy(model(x), y)
+
+
+class PGDAdversarialLoss(nn.Module):
+    """Madry et al.'s adversarial training: cross-entropy on PGD examples made against the current model."""
+
+    def __init__(self, eps: float, steps: int = 7, alpha: float | None = None, norm: str = "linf"):
+        super().__init__()
+        check_inputs(torch.zeros(1, 1, 1, 1), eps=eps, norm=norm)
+        self.eps, self.steps, self.alpha, self.norm = eps, steps, alpha, norm
+
+    def forward(self, model, x, y):
+        x_adv = pgd(model, x, y, self.eps, self.alpha, self.steps, self.norm, random_start=True, early_stop=False)
+        return F.cross_entropy(model(x_adv), y)
+
+
+class TradesLoss(nn.Module):
+    """TRADES (Zhang et al.): CE(f(x), y) + beta * KL(f(x) || f(x')), x' maximising the KL in the l_inf ball."""
+
+    def __init__(self, eps: float, beta: float = 6.0, steps: int = 7, alpha: float | None = None):
+        super().__init__()
+        check_inputs(torch.zeros(1, 1, 1, 1), eps=eps)
+        self.eps, self.beta, self.steps = eps, beta, steps
+        self.alpha = 2.5 * eps / steps if alpha is None else alpha
+
+    def adversary(self, model, x):
+        """The KL-maximising point x' (TRADES' inner problem), started at x + 0.001 * noise."""
+        with eval_mode(model):
+            p_clean = F.softmax(model(x), 1).detach()
+            x_adv = (x + 0.001 * torch.randn_like(x)).clamp(0, 1)
+            for _ in range(self.steps):
+                x_adv.requires_grad_(True)
+                kl = F.kl_div(F.log_softmax(model(x_adv), 1), p_clean, reduction="sum")
+                grad, = torch.autograd.grad(kl, x_adv)
+                x_adv = project(x_adv.detach() + self.alpha * grad.sign(), x, self.eps, "linf")
+        return x_adv
+
+    def forward(self, model, x, y):
+        x_adv = self.adversary(model, x)
+        logits = model(x)
+        kl = F.kl_div(F.log_softmax(model(x_adv), 1), F.softmax(logits, 1), reduction="batchmean")
+        return F.cross_entropy(logits, y) + self.beta * kl
+
+
+def recipe_hash(recipe: dict) -> str:
+    """A short stable hash of a JSON-able recipe, to name its checkpoint."""
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def run_dir(*parts: str) -> Path:
+    """Where runs write checkpoints: $DEFENSES_RUNS, else ./runs; created if missing."""
+    path = Path(os.environ.get(RUNS_ENV, "runs")).joinpath(*parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def atomic_save(obj, path: str | os.PathLike) -> None:
+    """torch.save to a temporary file in the same folder, then rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | os.PathLike, device=None) -> dict:
+    """Load a checkpoint safely (``weights_only=True``)."""
+    return torch.load(path, map_location=device or "cpu", weights_only=True)
+
+
+def _optimizer(params, name: str, lr: float, weight_decay: float, momentum: float):
+    """SGD (with momentum) or Adam."""
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"optimizer must be 'sgd' or 'adam', got {name!r}")
+
+
+def _epoch_loader(dataset, batch_size: int, seed: int, epoch: int) -> DataLoader:
+    """The epoch's loader; its order depends only on (seed, epoch), so a resumed run sees the same batches."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=g, drop_last=False)
+
+
+def train(model: nn.Module, dataset, loss_fn, *, epochs: int, batch_size: int = 128, optimizer: str = "adam",
+          lr: float = 1e-3, weight_decay: float = 0.0, momentum: float = 0.9, milestones=(), gamma: float = 0.1,
+          seed: int = 0, checkpoint: str | os.PathLike | None = None, device=None, desc: str = "train",
+          progress: bool = True) -> list[dict]:
+    """Train ``model`` on ``dataset`` with ``loss_fn`` and return the per-epoch history.
+
+    With ``checkpoint``, the state is saved atomically after every epoch; a run started again with
+    the same arguments resumes where it stopped and ends with the same weights as an uninterrupted
+    run. A finished checkpoint is simply loaded. ``milestones`` are the epochs where lr is multiplied
+    by ``gamma``.
+    """
+    if epochs < 0 or batch_size < 1:
+        raise ValueError(f"epochs must be >= 0 and batch_size >= 1, got epochs={epochs}, batch_size={batch_size}")
+    device = pick_device(device) if not isinstance(device, torch.device) else device
+    model.to(device)
+    loss_fn = loss_fn.to(device) if isinstance(loss_fn, nn.Module) else loss_fn
+    extra = list(loss_fn.parameters()) if isinstance(loss_fn, nn.Module) else []
+    opt = _optimizer(list(model.parameters()) + extra, optimizer, lr, weight_decay, momentum)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(milestones), gamma)
+    seed_everything(seed)
+    start, history = 0, []
+    if checkpoint is not None and Path(checkpoint).is_file():
+        state = load_checkpoint(checkpoint, device)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        if isinstance(loss_fn, nn.Module):
+            loss_fn.load_state_dict(state["loss"])
+        torch.set_rng_state(state["rng"])
+        start, history = state["epoch"], state["history"]
+    for epoch in range(start, epochs):
+        history.append(_run_epoch(model, dataset, loss_fn, opt, batch_size, seed, epoch, device,
+                                  f"{desc} {epoch + 1}/{epochs}", progress))
+        sched.step()
+        if checkpoint is not None:
+            atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                         "loss": loss_fn.state_dict() if isinstance(loss_fn, nn.Module) else {},
+                         "rng": torch.get_rng_state(), "epoch": epoch + 1, "history": history}, checkpoint)
+    model.eval()
+    return history
+
+
+def _run_epoch(model, dataset, loss_fn, opt, batch_size, seed, epoch, device, desc, progress) -> dict:
+    """One pass over the data; returns the mean loss, the examples seen and the wall time."""
+    model.train()
+    total, seen, t0 = 0.0, 0, time.perf_counter()
+    bar = tqdm(_epoch_loader(dataset, batch_size, seed, epoch), desc=desc, leave=False, disable=not progress)
+    for x, y in bar:
+        x, y = x.to(device), y.to(device)
+        loss = loss_fn(model, x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total += loss.item() * len(y)
+        seen += len(y)
+        bar.set_postfix(loss=f"{total / seen:.3f}")
+    return {"epoch": epoch + 1, "loss": total / max(seen, 1), "examples": seen, "seconds": time.perf_counter() - t0}

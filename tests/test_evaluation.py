@@ -1,0 +1,73 @@
+"""Evaluation: worst case, curves, the AutoAttack adapter and the sanity-check report."""
+
+from functools import partial
+
+import torch
+
+from defenses_lib.attacks import fgsm, pgd
+from defenses_lib.evaluation import autoattack, eps_curve, evaluate, is_randomized, sanity_checks
+from defenses_lib.profiles import get_profile
+
+
+def test_worst_case_is_per_example(mnist_small):
+    model, x, y = mnist_small
+    res = evaluate(model, x, y, {"FGSM": partial(fgsm, eps=0.1), "PGD-10": partial(pgd, eps=0.1, steps=10)})
+    expect = res.correct["clean"] & res.correct["FGSM"] & res.correct["PGD-10"]
+    assert torch.equal(res.worst_case, expect)
+    acc = res.accuracy()
+    assert acc["worst case"] <= min(acc["clean"], acc["FGSM"], acc["PGD-10"])
+    assert "worst case" in str(res) and "<table>" in res._repr_html_()
+
+
+def test_eps_curve_starts_clean_and_falls(mnist_small):
+    model, x, y = mnist_small
+    curve = eps_curve(model, x[:100], y[:100], [0, 0.1, 0.3], steps=10)
+    assert list(curve) == [0.0, 0.1, 0.3]
+    assert curve[0.0] >= curve[0.1] >= curve[0.3]
+
+
+def test_autoattack_adapter_runs(mnist_small):
+    model, x, y = mnist_small
+    x, y = x[:16], y[:16]
+    x_adv = autoattack(model, x, y, 0.1, version="custom", attacks=["apgd-ce"])
+    assert x_adv.shape == x.shape and ((x_adv - x).abs().max() <= 0.1 + 1e-5)
+    x_std = autoattack(model, x[:4], y[:4], 0.3, version="standard")
+    assert (model(x_std).argmax(1) == y[:4]).float().mean() <= 0.25
+
+
+def test_sanity_report_on_a_standard_model(mnist_small):
+    model, x, y = mnist_small
+    report = sanity_checks(model, x[:40], y[:40], 0.1, steps=10, n_queries=100)
+    assert len(report.checks) == 5 and report.checks[-1].passed is None
+    assert "iterative beats single-step" in str(report) and "<table>" in report._repr_html_()
+    assert report.checks[0].passed  # PGD <= FGSM
+
+
+class Noisy(torch.nn.Module):
+    """Gaussian noise before a network, at train and test time alike."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x + 0.3 * torch.randn_like(x))
+
+
+def test_randomized_model_is_detected_and_needs_its_fixed_twin(mnist_small):
+    model, x, y = mnist_small
+    noisy = Noisy(model)
+    assert is_randomized(noisy, x[:8]) and not is_randomized(model, x[:8])
+    report = sanity_checks(noisy, x[:20], y[:20], 0.1, steps=5, n_queries=20)
+    assert report.checks[-1].passed is False and not report.passed
+
+
+def test_profiles():
+    quick, paper = get_profile("foundations"), get_profile("foundations", "paper")
+    assert quick.name == "quick" and paper.name == "paper" and paper.n_train > quick.n_train
+    import pytest
+
+    with pytest.raises(ValueError, match="profile must be one of"):
+        get_profile("foundations", "huge")
+    with pytest.raises(ValueError, match="chapter must be one of"):
+        get_profile("nope")

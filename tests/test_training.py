@@ -1,0 +1,92 @@
+"""Training: checkpoints round-trip and resume to the same result, losses match their formulas."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from defenses_lib.data import ImageDataset
+from defenses_lib.training import (CrossEntropy, PGDAdversarialLoss, TradesLoss, atomic_save, load_checkpoint,
+                                   pick_device, recipe_hash, train)
+
+
+def _dataset(n=96):
+    g = torch.Generator().manual_seed(0)
+    return ImageDataset(torch.randint(0, 256, (n, 1, 8, 8), generator=g, dtype=torch.uint8),
+                        torch.randint(0, 10, (n,), generator=g), [str(i) for i in range(10)])
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+
+
+def _weights(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_interrupted_run_resumes_to_the_same_result(tmp_path):
+    kw = dict(batch_size=16, optimizer="sgd", lr=0.05, milestones=(2,), seed=3, progress=False)
+    straight = _model()
+    train(straight, _dataset(), PGDAdversarialLoss(0.1, steps=2), epochs=3, **kw)
+
+    ckpt = tmp_path / "run.pt"
+    first = _model()
+    train(first, _dataset(), PGDAdversarialLoss(0.1, steps=2), epochs=1, checkpoint=ckpt, **kw)  # "interrupted"
+    resumed = _model()
+    history = train(resumed, _dataset(), PGDAdversarialLoss(0.1, steps=2), epochs=3, checkpoint=ckpt, **kw)
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert torch.equal(_weights(straight), _weights(resumed))
+
+
+def test_finished_checkpoint_is_loaded_not_retrained(tmp_path):
+    ckpt = tmp_path / "done.pt"
+    a = _model()
+    train(a, _dataset(), CrossEntropy(), epochs=2, checkpoint=ckpt, progress=False)
+    stamp = ckpt.stat().st_mtime_ns
+    b = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+    history = train(b, _dataset(), CrossEntropy(), epochs=2, checkpoint=ckpt, progress=False)
+    assert torch.equal(_weights(a), _weights(b)) and len(history) == 2
+    assert ckpt.stat().st_mtime_ns == stamp
+
+
+def test_atomic_save_round_trip_and_no_leftovers(tmp_path):
+    state = {"w": torch.arange(3.0), "epoch": 2, "history": [{"loss": 0.5}]}
+    atomic_save(state, tmp_path / "a" / "ck.pt")
+    back = load_checkpoint(tmp_path / "a" / "ck.pt")
+    assert torch.equal(back["w"], state["w"]) and back["history"] == state["history"]
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["ck.pt"]
+
+
+def test_failed_save_leaves_nothing(tmp_path):
+    with pytest.raises(Exception):
+        atomic_save({"f": lambda: 0}, tmp_path / "bad.pt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_trades_with_beta_zero_is_cross_entropy():
+    model, ds = _model(), _dataset(16)
+    x, y = ds.tensors()
+    assert torch.allclose(TradesLoss(0.1, beta=0.0, steps=1)(model, x, y), F.cross_entropy(model(x), y))
+    assert TradesLoss(0.1, beta=6.0, steps=3)(model, x, y) >= F.cross_entropy(model(x), y)
+
+
+def test_adversarial_loss_exceeds_clean_loss():
+    model, ds = _model(), _dataset(32)
+    x, y = ds.tensors()
+    assert PGDAdversarialLoss(0.1, steps=5)(model, x, y) > CrossEntropy()(model, x, y)
+
+
+def test_bad_training_arguments():
+    with pytest.raises(ValueError, match="eps"):
+        PGDAdversarialLoss(-1.0)
+    with pytest.raises(ValueError, match="optimizer"):
+        train(_model(), _dataset(), CrossEntropy(), epochs=1, optimizer="lbfgs", progress=False)
+    with pytest.raises(ValueError, match="epochs"):
+        train(_model(), _dataset(), CrossEntropy(), epochs=-1, progress=False)
+
+
+def test_device_and_recipe_hash():
+    assert pick_device("cpu").type == "cpu"
+    assert recipe_hash({"a": 1, "b": 2}) == recipe_hash({"b": 2, "a": 1}) != recipe_hash({"a": 2, "b": 2})
