@@ -31,6 +31,20 @@ def eval_mode(model: nn.Module):
             m.training = training
 
 
+@contextmanager
+def attack_mode(model: nn.Module):
+    """Eval mode and no parameter gradients for the block (an attack needs only the input's); both restored."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    with eval_mode(model):
+        for p, _ in flags:
+            p.requires_grad_(False)
+        try:
+            yield model
+        finally:
+            for p, flag in flags:
+                p.requires_grad_(flag)
+
+
 def check_inputs(x: torch.Tensor, y: torch.Tensor | None = None, eps: float | None = None, norm: str | None = None):
     """Raise a clear ValueError unless x is (N, C, H, W) in [0, 1], y is (N,) and eps >= 0."""
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
@@ -127,7 +141,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: f
     x, y = x.detach(), y.detach()
     best = x.clone()
     todo = torch.ones(len(x), dtype=torch.bool, device=x.device)
-    with eval_mode(model):
+    with attack_mode(model):
         for _ in range(restarts):
             idx = todo.nonzero().flatten()
             if len(idx) == 0:

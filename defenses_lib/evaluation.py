@@ -14,10 +14,9 @@ from functools import partial
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .attacks import check_inputs, eval_mode, fgsm, pgd
-from .training import model_device
+from .runtime import model_device, progress
 
 
 def _batches(n: int, batch_size: int):
@@ -45,7 +44,7 @@ def run_attack(attack, model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch
     check_inputs(x, y)
     dev = model_device(model)
     parts = [attack(model, x[s].to(dev), y[s].to(dev)).cpu()
-             for s in tqdm(_batches(len(x), batch_size), desc=desc, leave=False, disable=desc is None)]
+             for s in progress(_batches(len(x), batch_size), desc, enabled=desc is not None)]
     return torch.cat(parts)
 
 
@@ -77,6 +76,8 @@ class RobustResult:
         rows = [f"{k:<28}{100 * v:6.1f}%" for k, v in self.accuracy().items()]
         return "\n".join([f"n = {self.n} {self.setting}".rstrip()] + rows)
 
+    __repr__ = __str__
+
     def _repr_html_(self) -> str:
         return table_html({k: {"accuracy (%)": 100 * v} for k, v in self.accuracy().items()},
                           caption=f"n = {self.n} {self.setting}")
@@ -96,14 +97,16 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: dict, 
     return RobustResult(correct, seconds, setting)
 
 
-def eps_curve(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_list, attack=pgd, batch_size: int = 250,
-              **attack_kwargs) -> dict[float, float]:
-    """Accuracy under ``attack(model, x, y, eps=e, **attack_kwargs)`` for each eps (eps = 0 is clean)."""
-    curve = {}
-    for e in tqdm(list(eps_list), desc="eps curve", leave=False):
-        x_adv = x if e == 0 else run_attack(partial(attack, eps=e, **attack_kwargs), model, x, y, batch_size)
-        curve[float(e)] = (predict(model, x_adv) == y).float().mean().item()
-    return curve
+def eps_sweep(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_list, attacks_at, batch_size: int = 250,
+              setting: str = "") -> dict[float, RobustResult]:
+    """``evaluate`` at each eps with the attacks ``attacks_at(eps)`` returns (clean only at eps = 0)."""
+    return {float(e): evaluate(model, x, y, attacks_at(e) if e > 0 else {}, batch_size, f"{setting} eps = {e:g}".strip())
+            for e in progress(list(eps_list), "eps sweep")}
+
+
+def curve(sweep: dict[float, RobustResult], attack: str) -> dict[float, float]:
+    """Accuracy against eps under one attack of an ``eps_sweep`` (clean accuracy at eps = 0)."""
+    return {e: r.accuracy()[attack if e > 0 else "clean"] for e, r in sweep.items()}
 
 
 def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str = "linf",
@@ -113,15 +116,17 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, n
 
     ``version`` is 'standard' (APGD-CE, APGD-T, FAB-T, Square), 'rand' (APGD-CE and APGD-DLR with
     EOT over 20 draws, for randomized defenses) or 'custom' with ``attacks`` a subset of
-    ['apgd-ce', 'apgd-dlr', 'apgd-t', 'fab', 'fab-t', 'square'].
+    ['apgd-ce', 'apgd-dlr', 'apgd-t', 'fab', 'fab-t', 'square'], run with the standard version's settings.
     """
     from pyautoattack import AutoAttack
 
     check_inputs(x, y, eps, norm)
     dev = model_device(model)
     with eval_mode(model):
-        aa = AutoAttack(model, eps=eps, norm={"linf": "Linf", "l2": "L2"}[norm], version=version,
-                        attacks=attacks, seed=seed, device=dev)
+        aa = AutoAttack(model, eps=eps, norm={"linf": "Linf", "l2": "L2"}[norm],
+                        version="standard" if version == "custom" else version, seed=seed, device=dev)
+        if version == "custom":  # the standard version's settings (one APGD-CE restart, ...), fewer attacks
+            aa.version, aa.attacks_to_run = "custom", list(attacks)
         aa.verbose = False
         if n_target_classes is not None:
             aa.apgd_targeted.n_target_classes = aa.fab.n_target_classes = n_target_classes
@@ -186,6 +191,8 @@ class SanityReport:
         lines = [f"Sanity checks ({self.setting}): {'all passed' if self.passed else 'FAILED'}"]
         lines += [f"  [{self.status(c):4}] {c.name}: {c.detail}" for c in self.checks]
         return "\n".join(lines)
+
+    __repr__ = __str__
 
     def _repr_html_(self) -> str:
         rows = {c.name: {"status": self.status(c), "evidence": c.detail} for c in self.checks}

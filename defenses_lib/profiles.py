@@ -28,17 +28,17 @@ class Profile(dict):
 PROFILES: dict[str, dict[str, dict]] = {
     "foundations": {
         "quick": dict(
-            dataset="mnist", arch="mnist_cnn", n_train=12_000, n_test=500, batch_size=128, lr=1e-3,
-            epochs_standard=2, epochs_at=2, train_eps=0.1, train_steps=5, train_alpha=0.03, trades_beta=3.0,
-            eval_eps=(0.1, 0.3), eval_steps=40, eval_alpha=0.01, curve_eps=(0.0, 0.05, 0.1, 0.15, 0.2, 0.3),
-            aa_n=100, aa_version="custom", aa_attacks=("apgd-ce", "apgd-t"), aa_targets=3,
-            sanity_n=100, square_queries=1000, seed=0,
+            dataset="mnist", arch="mnist_cnn", n_train=12_000, n_test=400, batch_size=128, lr=1e-3,
+            epochs_standard=2, epochs_at=2, train_eps=0.1, train_steps=3, train_alpha=0.04, trades_beta=3.0,
+            eval_eps=(0.1, 0.3), eval_steps=40, eval_alpha=0.01, curve_eps=(0.0, 0.1, 0.15, 0.2, 0.3),
+            aa_models=("PGD-AT",), aa_n=100, aa_version="custom", aa_attacks=("apgd-ce", "apgd-t"), aa_targets=2,
+            sanity_n=100, square_queries=500, seed=0,
         ),
         "paper": dict(
             dataset="mnist", arch="mnist_cnn", n_train=60_000, n_test=10_000, batch_size=128, lr=1e-3,
             epochs_standard=10, epochs_at=30, train_eps=0.3, train_steps=40, train_alpha=0.01, trades_beta=6.0,
             eval_eps=(0.1, 0.3), eval_steps=100, eval_alpha=0.01, curve_eps=(0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4),
-            aa_n=1000, aa_version="standard", aa_attacks=None, aa_targets=None,
+            aa_models=("PGD-AT", "TRADES"), aa_n=1000, aa_version="standard", aa_attacks=None, aa_targets=None,
             sanity_n=1000, square_queries=5000, seed=0,
         ),
     },

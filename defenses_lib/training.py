@@ -10,44 +10,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
-from .attacks import check_inputs, eval_mode, pgd, project
+from .attacks import attack_mode, check_inputs, pgd, project
+from .runtime import pick_device, progress, seed_everything
 
 RUNS_ENV = "DEFENSES_RUNS"
-
-
-def pick_device(prefer: str | None = None) -> torch.device:
-    """The given device, else CUDA, then Apple MPS, then the CPU."""
-    if prefer:
-        return torch.device(prefer)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device of a model's first parameter (the CPU for a model without any)."""
-    return next(model.parameters(), torch.empty(0)).device
 
 
 class CrossEntropy(nn.Module):
@@ -81,7 +56,7 @@ class TradesLoss(nn.Module):
 
     def adversary(self, model, x):
         """The KL-maximising point x' (TRADES' inner problem), started at x + 0.001 * noise."""
-        with eval_mode(model):
+        with attack_mode(model):
             p_clean = F.softmax(model(x), 1).detach()
             x_adv = (x + 0.001 * torch.randn_like(x)).clamp(0, 1)
             for _ in range(self.steps):
@@ -147,7 +122,7 @@ def _epoch_loader(dataset, batch_size: int, seed: int, epoch: int) -> DataLoader
 def train(model: nn.Module, dataset, loss_fn, *, epochs: int, batch_size: int = 128, optimizer: str = "adam",
           lr: float = 1e-3, weight_decay: float = 0.0, momentum: float = 0.9, milestones=(), gamma: float = 0.1,
           seed: int = 0, checkpoint: str | os.PathLike | None = None, device=None, desc: str = "train",
-          progress: bool = True) -> list[dict]:
+          show_progress: bool = True) -> list[dict]:
     """Train ``model`` on ``dataset`` with ``loss_fn`` and return the per-epoch history.
 
     With ``checkpoint``, the state is saved atomically after every epoch; a run started again with
@@ -176,7 +151,7 @@ def train(model: nn.Module, dataset, loss_fn, *, epochs: int, batch_size: int = 
         start, history = state["epoch"], state["history"]
     for epoch in range(start, epochs):
         history.append(_run_epoch(model, dataset, loss_fn, opt, batch_size, seed, epoch, device,
-                                  f"{desc} {epoch + 1}/{epochs}", progress))
+                                  f"{desc} {epoch + 1}/{epochs}", show_progress))
         sched.step()
         if checkpoint is not None:
             atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
@@ -186,11 +161,11 @@ def train(model: nn.Module, dataset, loss_fn, *, epochs: int, batch_size: int = 
     return history
 
 
-def _run_epoch(model, dataset, loss_fn, opt, batch_size, seed, epoch, device, desc, progress) -> dict:
+def _run_epoch(model, dataset, loss_fn, opt, batch_size, seed, epoch, device, desc, show_progress) -> dict:
     """One pass over the data; returns the mean loss, the examples seen and the wall time."""
     model.train()
     total, seen, t0 = 0.0, 0, time.perf_counter()
-    bar = tqdm(_epoch_loader(dataset, batch_size, seed, epoch), desc=desc, leave=False, disable=not progress)
+    bar = progress(_epoch_loader(dataset, batch_size, seed, epoch), desc, enabled=show_progress)
     for x, y in bar:
         x, y = x.to(device), y.to(device)
         loss = loss_fn(model, x, y)

@@ -16,7 +16,8 @@ from .plots import figure_png, show_adversarial
 
 def linked_views(views: list[list[bytes]], item_labels: list[str], step_labels: list[str], step_name: str) -> W.VBox:
     """A chooser over items and a slider over steps, showing ``views[item][step]`` (PNG bytes)."""
-    chooser = W.Dropdown(options=[(label, i) for i, label in enumerate(item_labels)], description="image")
+    chooser = W.Dropdown(options=[(label, i) for i, label in enumerate(item_labels)], description="show",
+                         layout=W.Layout(width="340px"))
     slider = W.SelectionSlider(options=step_labels, description=step_name, continuous_update=True,
                                layout=W.Layout(width="420px"))
     inner = [W.Stack([W.Image(value=png, format="png") for png in row], selected_index=0) for row in views]
@@ -27,17 +28,25 @@ def linked_views(views: list[list[bytes]], item_labels: list[str], step_labels: 
     return W.VBox([W.HBox([chooser, slider]), outer])
 
 
-def eps_explorer(model, x: torch.Tensor, y: torch.Tensor, eps_grid, attack=pgd, classes=None, **attack_kwargs) -> W.VBox:
-    """Pick an image and an eps; see the image, its adversarial version and both predictions."""
+def eps_explorer(models: dict, x: torch.Tensor, y: torch.Tensor, eps_grid, attack=pgd, classes=None,
+                 **attack_kwargs) -> W.VBox:
+    """Pick a model and an image, move eps; see the image, its adversarial version and both predictions.
+
+    ``models`` maps names to models; each view attacks the chosen model with ``attack`` at that eps.
+    """
     eps_grid = [float(e) for e in eps_grid]
-    pred = predict(model, x)
-    views = [[] for _ in range(len(x))]
-    for e in eps_grid:
-        x_adv = x if e == 0 else attack(model, x, y, eps=e, **attack_kwargs)
-        pred_adv = predict(model, x_adv)
-        for i in range(len(x)):
-            fig = show_adversarial(x[i:i + 1], x_adv[i:i + 1], pred[i:i + 1], pred_adv[i:i + 1], y[i:i + 1],
-                                   classes, title=f"eps = {e:.3f}")
-            views[i].append(figure_png(fig))
-    labels = [f"#{i} (label {classes[int(y[i])] if classes else int(y[i])})" for i in range(len(x))]
+    name = (lambda k: classes[int(k)]) if classes else (lambda k: str(int(k)))
+    views, labels = [], []
+    for model_name, model in models.items():
+        pred = predict(model, x)
+        rows = [[] for _ in range(len(x))]
+        for e in eps_grid:
+            x_adv = x if e == 0 else attack(model, x, y, eps=e, **attack_kwargs)
+            pred_adv = predict(model, x_adv)
+            for i in range(len(x)):
+                fig = show_adversarial(x[i:i + 1], x_adv[i:i + 1], pred[i:i + 1], pred_adv[i:i + 1], y[i:i + 1],
+                                       classes, title=f"{model_name}, eps = {e:.3f}")
+                rows[i].append(figure_png(fig))
+        views += rows
+        labels += [f"{model_name}: test image #{i} (a {name(y[i])})" for i in range(len(x))]
     return linked_views(views, labels, [f"{e:.3f}" for e in eps_grid], "eps")

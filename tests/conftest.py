@@ -30,7 +30,7 @@ def mnist_small(data_root):
     torch.manual_seed(0)
     model = build_model("mnist_cnn", "mnist")
     train(model, balanced_subset(load_dataset("mnist", "train", data_root), 2000), CrossEntropy(),
-          epochs=1, batch_size=64, progress=False)
+          epochs=1, batch_size=64, show_progress=False)
     x, y = balanced_subset(load_dataset("mnist", "test", data_root), 200, seed=1).tensors()
     return model, x, y
 

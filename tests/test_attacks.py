@@ -169,3 +169,10 @@ def test_bpda_with_surrogate_and_as_module():
     assert torch.equal(out, (x > 0.5).float())
     out.sum().backward()
     assert torch.allclose(x.grad, torch.full_like(x, 3.0))
+
+
+def test_attacks_restore_parameter_gradients(tiny_model):
+    tiny_model[0].weight.requires_grad_(False)  # a partly frozen model stays partly frozen
+    x, y = _xy()
+    pgd(tiny_model, x, y, 0.1, steps=2)
+    assert not tiny_model[0].weight.requires_grad and tiny_model[0].bias.requires_grad and tiny_model[3].weight.requires_grad

@@ -5,7 +5,7 @@ from functools import partial
 import torch
 
 from defenses_lib.attacks import fgsm, pgd
-from defenses_lib.evaluation import autoattack, eps_curve, evaluate, is_randomized, sanity_checks
+from defenses_lib.evaluation import autoattack, curve, eps_sweep, evaluate, is_randomized, sanity_checks
 from defenses_lib.profiles import get_profile
 
 
@@ -19,11 +19,13 @@ def test_worst_case_is_per_example(mnist_small):
     assert "worst case" in str(res) and "<table>" in res._repr_html_()
 
 
-def test_eps_curve_starts_clean_and_falls(mnist_small):
+def test_eps_sweep_starts_clean_and_falls(mnist_small):
     model, x, y = mnist_small
-    curve = eps_curve(model, x[:100], y[:100], [0, 0.1, 0.3], steps=10)
-    assert list(curve) == [0.0, 0.1, 0.3]
-    assert curve[0.0] >= curve[0.1] >= curve[0.3]
+    sweep = eps_sweep(model, x[:100], y[:100], [0, 0.1, 0.3], lambda e: {"PGD": partial(pgd, eps=e, steps=10)})
+    acc = curve(sweep, "PGD")
+    assert list(acc) == [0.0, 0.1, 0.3]
+    assert acc[0.0] == sweep[0.0].accuracy()["clean"] >= acc[0.1] >= acc[0.3]
+    assert sweep[0.1].accuracy()["clean"] == acc[0.0]
 
 
 def test_autoattack_adapter_runs(mnist_small):

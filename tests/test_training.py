@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from defenses_lib.data import ImageDataset
+from defenses_lib.runtime import pick_device
 from defenses_lib.training import (CrossEntropy, PGDAdversarialLoss, TradesLoss, atomic_save, load_checkpoint,
-                                   pick_device, recipe_hash, train)
+                                   recipe_hash, train)
 
 
 def _dataset(n=96):
@@ -27,7 +28,7 @@ def _weights(model):
 
 
 def test_interrupted_run_resumes_to_the_same_result(tmp_path):
-    kw = dict(batch_size=16, optimizer="sgd", lr=0.05, milestones=(2,), seed=3, progress=False)
+    kw = dict(batch_size=16, optimizer="sgd", lr=0.05, milestones=(2,), seed=3, show_progress=False)
     straight = _model()
     train(straight, _dataset(), PGDAdversarialLoss(0.1, steps=2), epochs=3, **kw)
 
@@ -43,10 +44,10 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path):
 def test_finished_checkpoint_is_loaded_not_retrained(tmp_path):
     ckpt = tmp_path / "done.pt"
     a = _model()
-    train(a, _dataset(), CrossEntropy(), epochs=2, checkpoint=ckpt, progress=False)
+    train(a, _dataset(), CrossEntropy(), epochs=2, checkpoint=ckpt, show_progress=False)
     stamp = ckpt.stat().st_mtime_ns
     b = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
-    history = train(b, _dataset(), CrossEntropy(), epochs=2, checkpoint=ckpt, progress=False)
+    history = train(b, _dataset(), CrossEntropy(), epochs=2, checkpoint=ckpt, show_progress=False)
     assert torch.equal(_weights(a), _weights(b)) and len(history) == 2
     assert ckpt.stat().st_mtime_ns == stamp
 
@@ -82,9 +83,9 @@ def test_bad_training_arguments():
     with pytest.raises(ValueError, match="eps"):
         PGDAdversarialLoss(-1.0)
     with pytest.raises(ValueError, match="optimizer"):
-        train(_model(), _dataset(), CrossEntropy(), epochs=1, optimizer="lbfgs", progress=False)
+        train(_model(), _dataset(), CrossEntropy(), epochs=1, optimizer="lbfgs", show_progress=False)
     with pytest.raises(ValueError, match="epochs"):
-        train(_model(), _dataset(), CrossEntropy(), epochs=-1, progress=False)
+        train(_model(), _dataset(), CrossEntropy(), epochs=-1, show_progress=False)
 
 
 def test_device_and_recipe_hash():

@@ -1,0 +1,40 @@
+"""Where and how code runs: the device, seeds and progress bars."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+
+def pick_device(prefer: str | None = None) -> torch.device:
+    """The given device, else CUDA, then Apple MPS, then the CPU."""
+    if prefer:
+        return torch.device(prefer)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of a model's first parameter (the CPU for a model without any)."""
+    return next(model.parameters(), torch.empty(0)).device
+
+
+def progress(iterable, desc: str | None = None, enabled: bool = True, **kwargs):
+    """A ``tqdm.auto`` bar that closes when done; ``TQDM_DISABLE=1`` in the environment turns all bars off."""
+    if not enabled:
+        kwargs["disable"] = True
+    return tqdm(iterable, desc=desc, leave=False, **kwargs)
