@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 import numpy as np
@@ -35,6 +36,6 @@ def model_device(model: nn.Module) -> torch.device:
 
 def progress(iterable, desc: str | None = None, enabled: bool = True, **kwargs):
     """A ``tqdm.auto`` bar that closes when done; ``TQDM_DISABLE=1`` in the environment turns all bars off."""
-    if not enabled:
+    if not enabled or os.environ.get("TQDM_DISABLE") == "1":  # tqdm.notebook ignores the variable itself
         kwargs["disable"] = True
     return tqdm(iterable, desc=desc, leave=False, **kwargs)

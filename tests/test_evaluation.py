@@ -6,7 +6,6 @@ import torch
 
 from defenses_lib.attacks import fgsm, pgd
 from defenses_lib.evaluation import autoattack, curve, eps_sweep, evaluate, is_randomized, sanity_checks
-from defenses_lib.profiles import get_profile
 
 
 def test_worst_case_is_per_example(mnist_small):
@@ -64,12 +63,9 @@ def test_randomized_model_is_detected_and_needs_its_fixed_twin(mnist_small):
     assert report.checks[-1].passed is False and not report.passed
 
 
-def test_profiles():
-    quick, paper = get_profile("foundations"), get_profile("foundations", "paper")
-    assert quick.name == "quick" and paper.name == "paper" and paper.n_train > quick.n_train
-    import pytest
-
-    with pytest.raises(ValueError, match="profile must be one of"):
-        get_profile("foundations", "huge")
-    with pytest.raises(ValueError, match="chapter must be one of"):
-        get_profile("nope")
+def test_autoattack_rand_version_on_a_randomized_model(tiny_model):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(4, 1, 8, 8, generator=g), torch.randint(0, 10, (4,), generator=g)
+    x_adv = autoattack(Noisy(tiny_model), x, y, 0.05, version="rand")
+    assert x_adv.shape == x.shape and (x_adv - x).abs().max() <= 0.05 + 1e-5
+    assert x_adv.min() >= 0 and x_adv.max() <= 1

@@ -1,0 +1,50 @@
+"""Profiles: both exist for every chapter, bad names are refused, and the paper profile's own
+settings run for a few steps here (on a small slice of real data)."""
+
+from functools import partial
+
+import pytest
+import torch
+
+from defenses_lib.attacks import pgd
+from defenses_lib.data import balanced_subset, load_dataset
+from defenses_lib.evaluation import autoattack, evaluate
+from defenses_lib.models import build_model
+from defenses_lib.profiles import PROFILES, get_profile
+from defenses_lib.runtime import seed_everything
+from defenses_lib.training import PGDAdversarialLoss, TradesLoss, train
+
+
+def test_every_chapter_has_both_profiles():
+    for chapter, profiles in PROFILES.items():
+        assert set(profiles) == {"quick", "paper"}, chapter
+        assert set(profiles["quick"]) == set(profiles["paper"]), f"{chapter}: the two profiles name different settings"
+
+
+def test_profile_from_environment(monkeypatch):
+    monkeypatch.setenv("DEFENSES_PROFILE", "paper")
+    assert get_profile("foundations").name == "paper"
+    assert get_profile("foundations", "quick").n_train < get_profile("foundations").n_train
+
+
+def test_bad_profile_names():
+    with pytest.raises(ValueError, match="profile must be one of"):
+        get_profile("foundations", "huge")
+    with pytest.raises(ValueError, match="chapter must be one of"):
+        get_profile("nope")
+
+
+def test_foundations_paper_profile_runs_a_few_steps(data_root):
+    P = get_profile("foundations", "paper")
+    seed_everything(P.seed)
+    data = balanced_subset(load_dataset(P.dataset, "train", data_root), 2 * P.batch_size)  # two steps
+    x, y = balanced_subset(load_dataset(P.dataset, "test", data_root), 10, seed=1).tensors()
+    for loss in (PGDAdversarialLoss(P.train_eps, steps=P.train_steps, alpha=P.train_alpha),
+                 TradesLoss(P.train_eps, beta=P.trades_beta, steps=P.train_steps, alpha=P.train_alpha)):
+        model = build_model(P.arch, P.dataset)
+        history = train(model, data, loss, epochs=1, batch_size=P.batch_size, lr=P.lr, show_progress=False)
+        assert history[0]["examples"] == 2 * P.batch_size and torch.isfinite(torch.tensor(history[0]["loss"]))
+    res = evaluate(model, x, y, {"PGD": partial(pgd, eps=P.eval_eps[-1], alpha=P.eval_alpha, steps=P.eval_steps)})
+    assert res.n == 10
+    x_aa = autoattack(model, x[:2], y[:2], P.train_eps, version=P.aa_version)
+    assert x_aa.shape == (2, 1, 28, 28)
