@@ -174,51 +174,52 @@ def _from_hwc(x: np.ndarray, y, classes) -> ImageDataset:
     return ImageDataset(images, torch.as_tensor(np.asarray(y), dtype=torch.long), [str(c) for c in classes])
 
 
-def _torchvision_cifar(cls, base: Path, split: str) -> ImageDataset:
-    """Read a CIFAR split from torchvision's layout (already on disk)."""
+def _cifar(name: str, cls_name: str, folder: str, base: Path, split: str, download: bool, offline: str,
+           read_offline) -> ImageDataset:
+    """A CIFAR split from torchvision's layout, else ``read_offline()`` (None if absent), else download."""
+    import torchvision
+
+    cls = getattr(torchvision.datasets, cls_name)
+    if not (base / folder).is_dir():
+        found = read_offline()
+        if found is not None:
+            return found
+        if not download:
+            raise _not_found(name, split, base, offline)
+        _download(name, split, base, offline, lambda: cls(base, train=split == "train", download=True), base / folder)
     ds = cls(base, train=split == "train", download=False)
     return _from_hwc(ds.data, ds.targets, ds.classes)
 
 
 def _cifar10(base: Path, split: str, download: bool) -> ImageDataset:
     """CIFAR-10 from torchvision's layout, else the offline .npz files, else download."""
-    import torchvision
-
-    offline = "cifar10/cifar10_test.npz and cifar10/cifar10_train_first4000.npz"
-    if (base / "cifar-10-batches-py").is_dir():
-        return _torchvision_cifar(torchvision.datasets.CIFAR10, base, split)
     npz = base / "cifar10" / ("cifar10_test.npz" if split == "test" else "cifar10_train_first4000.npz")
-    if npz.is_file():
+
+    def offline():
+        if not npz.is_file():
+            return None
         with np.load(npz) as d:
             if split == "train":
-                warnings.warn(f"{npz} holds only the first {len(d['y_train'])} CIFAR-10 training images", stacklevel=3)
+                warnings.warn(f"{npz} holds only the first {len(d['y_train'])} CIFAR-10 training images", stacklevel=4)
             return _from_hwc(d[f"x_{split}"], d[f"y_{split}"], d["classes"])
-    if not download:
-        raise _not_found("CIFAR-10", split, base, offline)
-    _download("CIFAR-10", split, base, offline,
-              lambda: torchvision.datasets.CIFAR10(base, train=split == "train", download=True),
-              base / "cifar-10-batches-py")
-    return _torchvision_cifar(torchvision.datasets.CIFAR10, base, split)
+
+    return _cifar("CIFAR-10", "CIFAR10", "cifar-10-batches-py", base, split, download,
+                  "cifar10/cifar10_test.npz and cifar10/cifar10_train_first4000.npz", offline)
 
 
 def _cifar100(base: Path, split: str, download: bool) -> ImageDataset:
     """CIFAR-100 (fine labels) from torchvision's layout, else the offline test sample, else download."""
-    import torchvision
-
-    offline = "cifar100/cifar100_test_first20.npz (test split only)"
-    if (base / "cifar-100-python").is_dir():
-        return _torchvision_cifar(torchvision.datasets.CIFAR100, base, split)
     npz = base / "cifar100" / "cifar100_test_first20.npz"
-    if split == "test" and npz.is_file():
+
+    def offline():
+        if split != "test" or not npz.is_file():
+            return None
         with np.load(npz) as d:
-            warnings.warn(f"{npz} holds only the first {len(d['y_test_fine'])} CIFAR-100 test images", stacklevel=3)
+            warnings.warn(f"{npz} holds only the first {len(d['y_test_fine'])} CIFAR-100 test images", stacklevel=4)
             return _from_hwc(d["x_test"], d["y_test_fine"], d["fine_label_names"])
-    if not download:
-        raise _not_found("CIFAR-100", split, base, offline)
-    _download("CIFAR-100", split, base, offline,
-              lambda: torchvision.datasets.CIFAR100(base, train=split == "train", download=True),
-              base / "cifar-100-python")
-    return _torchvision_cifar(torchvision.datasets.CIFAR100, base, split)
+
+    return _cifar("CIFAR-100", "CIFAR100", "cifar-100-python", base, split, download,
+                  "cifar100/cifar100_test_first20.npz (test split only)", offline)
 
 
 def _folder(root: Path, size: int) -> FolderDataset:
