@@ -222,8 +222,13 @@ def sanity_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
     check_inputs(x, y, eps, norm)
     large_eps = large_eps if large_eps is not None else (0.5 if norm == "linf" else 4 * eps)
     alpha = 2.5 * eps / steps
-    acc = lambda m, xa: (predict(m, xa) == y).float().mean().item()  # noqa: E731
-    atk = lambda m, **kw: run_attack(partial(pgd, norm=norm, **kw), m, x, y, batch_size)  # noqa: E731
+
+    def acc(m, x_adv):
+        return (predict(m, x_adv) == y).float().mean().item()
+
+    def atk(m, **kw):
+        return run_attack(partial(pgd, norm=norm, **kw), m, x, y, batch_size)
+
     a_pgd = acc(model, atk(model, eps=eps, steps=steps, alpha=alpha))
     one_step = (run_attack(partial(fgsm, eps=eps), model, x, y, batch_size) if norm == "linf"
                 else atk(model, eps=eps, steps=1, alpha=eps, random_start=False))

@@ -128,7 +128,7 @@ def train(model: nn.Module, dataset, loss_fn, *, epochs: int, batch_size: int = 
     With ``checkpoint``, the state is saved atomically after every epoch; a run started again with
     the same arguments resumes where it stopped and ends with the same weights as an uninterrupted
     run. A finished checkpoint is simply loaded. ``milestones`` are the epochs where lr is multiplied
-    by ``gamma``.
+    by ``gamma``. A loss with a ``set_epoch(epoch)`` method (a schedule) is told each epoch first.
     """
     if epochs < 0 or batch_size < 1:
         raise ValueError(f"epochs must be >= 0 and batch_size >= 1, got epochs={epochs}, batch_size={batch_size}")
@@ -150,6 +150,8 @@ def train(model: nn.Module, dataset, loss_fn, *, epochs: int, batch_size: int = 
         torch.set_rng_state(state["rng"])
         start, history = state["epoch"], state["history"]
     for epoch in range(start, epochs):
+        if hasattr(loss_fn, "set_epoch"):  # losses with a schedule (an h or eps ramp) follow the epoch
+            loss_fn.set_epoch(epoch)
         history.append(_run_epoch(model, dataset, loss_fn, opt, batch_size, seed, epoch, device,
                                   f"{desc} {epoch + 1}/{epochs}", show_progress))
         sched.step()

@@ -1,0 +1,57 @@
+"""Curvature of the loss in input space: input gradients, search directions and Hessian-vector products.
+
+The Hessian here is that of the per-example loss l(x) = CE(f(x), y) with respect to the input x.
+``hvp_exact`` computes H z by double back-propagation; ``hvp_fd`` approximates it by one extra
+gradient, [g(x + h z) - g(x)] / h, whose error is O(h) (CURE, Moosavi-Dezfooli et al. 2019).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+DIRECTIONS = ("sign", "random")
+
+
+def input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, create_graph: bool = False) -> torch.Tensor:
+    """g(x) = d/dx of the summed per-example cross-entropy (so row i is example i's own gradient)."""
+    x = x if x.requires_grad else x.detach().requires_grad_(True)
+    loss = F.cross_entropy(model(x), y, reduction="sum")
+    grad, = torch.autograd.grad(loss, x, create_graph=create_graph)
+    return grad
+
+
+def unit(v: torch.Tensor) -> torch.Tensor:
+    """Each example's slice scaled to unit l_2 norm."""
+    return v / v.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (v.dim() - 1)))
+
+
+def direction(grad: torch.Tensor, kind: str = "sign", generator: torch.Generator | None = None) -> torch.Tensor:
+    """A unit direction per example: CURE's normalised sign of the gradient, or a random Gaussian one."""
+    if kind not in DIRECTIONS:
+        raise ValueError(f"kind must be one of {DIRECTIONS}, got {kind!r}")
+    if kind == "sign":
+        return unit(grad.detach().sign())
+    return unit(torch.randn(grad.shape, generator=generator, device=grad.device))
+
+
+def hvp_fd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor, h: float,
+           create_graph: bool = True, grad: torch.Tensor | None = None) -> torch.Tensor:
+    """Finite-difference Hessian-vector product [g(x + h z) - g(x)] / h (differentiable for training).
+
+    Pass ``grad`` = g(x) if it is already computed (with ``create_graph``) to save one gradient.
+    """
+    if h <= 0:
+        raise ValueError(f"h must be > 0, got {h}")
+    g0 = input_gradient(model, x, y, create_graph) if grad is None else grad
+    g1 = input_gradient(model, (x + h * z).detach().requires_grad_(True), y, create_graph)
+    return (g1 - g0) / h
+
+
+def hvp_exact(model: nn.Module, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Exact Hessian-vector product H z by double back-propagation: d/dx (g(x) . z)."""
+    x = x.detach().requires_grad_(True)
+    g = input_gradient(model, x, y, create_graph=True)
+    hz, = torch.autograd.grad((g * z).sum(), x)
+    return hz

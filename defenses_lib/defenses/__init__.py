@@ -1,0 +1,1 @@
+"""One module per paper: its loss or regularizer, its model wrapper, its recipe."""

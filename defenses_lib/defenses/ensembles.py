@@ -1,0 +1,117 @@
+"""Ensembles of sub-models (paper 1, Zhao et al. 2024) and the losses that train them.
+
+``Ensemble`` averages its members' softmax and returns log-probabilities, so every attack and
+AutoAttack see exactly what the defense predicts. The losses plug into ``training.train``:
+
+* ``IndependentLoss``: each member's cross-entropy, nothing shared (the plain baseline);
+* ``GALLoss``: plus GAL's penalty on aligned input gradients (Kariyappa and Qureshi, 2019);
+* ``DLCLoss``: plus low curvature per member and dispersion of the members' Hessian-vector
+  products (the paper's idea; its exact objective is a reconstruction, see REFERENCE.md [I]).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from ..curvature import direction as unit_direction, hvp_fd
+
+
+class Ensemble(nn.Module):
+    """The members' softmax averaged, as log-probabilities."""
+
+    def __init__(self, members):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        if len(self.members) < 2:
+            raise ValueError(f"an ensemble needs at least 2 members, got {len(self.members)}")
+
+    def forward(self, x):
+        probs = torch.stack([m(x).softmax(1) for m in self.members]).mean(0)
+        return probs.clamp_min(1e-12).log()
+
+
+def loss_and_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    """Per-example cross-entropy and its input gradient, both differentiable in the parameters."""
+    x = x.detach().requires_grad_(True)
+    loss = F.cross_entropy(model(x), y, reduction="none")
+    grad, = torch.autograd.grad(loss.sum(), x, create_graph=True)
+    return loss, grad
+
+
+def mean_pairwise_cos(vectors: list[torch.Tensor], absolute: bool = True) -> torch.Tensor:
+    """Mean over member pairs and examples of the cosine (or |cosine|) between per-example vectors."""
+    cos = [F.cosine_similarity(a.flatten(1), b.flatten(1), dim=1, eps=1e-12) for a, b in itertools.combinations(vectors, 2)]
+    cos = torch.stack(cos)
+    return (cos.abs() if absolute else cos).mean()
+
+
+class IndependentLoss(nn.Module):
+    """The sum of the members' cross-entropies: members trained side by side, independently."""
+
+    def forward(self, model: Ensemble, x, y):
+        return sum(F.cross_entropy(m(x), y) for m in model.members)
+
+
+class GALLoss(nn.Module):
+    """Members' cross-entropy + coeff * log sum over pairs of exp(cos of their input gradients) (GAL)."""
+
+    def __init__(self, coeff: float = 0.5):
+        super().__init__()
+        self.coeff = coeff
+
+    def forward(self, model: Ensemble, x, y):
+        parts = [loss_and_gradient(m, x, y) for m in model.members]
+        cos = [F.cosine_similarity(a[1].flatten(1), b[1].flatten(1), dim=1, eps=1e-12).mean()
+               for a, b in itertools.combinations(parts, 2)]
+        return sum(loss.mean() for loss, _ in parts) + self.coeff * torch.logsumexp(torch.stack(cos), 0)
+
+
+class DLCLoss(nn.Module):
+    """Dispersed low-curvature ensemble loss (reconstructed objective of Zhao et al., 2024).
+
+    sum_m CE_m + alpha * mean_m ||H_m z||^2 + beta * mean_pairs |cos(H_m z, H_n z)| [+ gamma * mean_pairs |cos(g_m, g_n)|]
+
+    with H_m z the finite-difference Hessian-vector product of member m. Named options:
+    ``direction`` ('sign': CURE's normalised gradient sign; 'random'), ``shared_direction`` (one z
+    for all members, from the sign of the summed members' gradients, so the cosine compares
+    responses to the same step; else each member's own), ``abs_cos`` (penalise |cos| as TRS does,
+    else the signed cosine), ``gamma`` (TRS-style first-order gradient term; 0 turns it off) and
+    ``h`` (a float, or a per-epoch schedule that the training loop advances through ``set_epoch``).
+    """
+
+    def __init__(self, alpha: float = 1.0, beta: float = 1.0, h=0.1, direction: str = "sign",
+                 shared_direction: bool = True, abs_cos: bool = True, gamma: float = 0.0):
+        super().__init__()
+        self.schedule = list(h) if isinstance(h, (list, tuple)) else [float(h)]
+        if min(self.schedule) <= 0:
+            raise ValueError(f"h must be > 0, got {h}")
+        self.alpha, self.beta, self.gamma = alpha, beta, gamma
+        self.direction, self.shared_direction, self.abs_cos = direction, shared_direction, abs_cos
+        self.h = self.schedule[0]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use the schedule's h for this epoch (the last one after the schedule ends)."""
+        self.h = self.schedule[min(epoch, len(self.schedule) - 1)]
+
+    def terms(self, model: Ensemble, x, y) -> dict[str, torch.Tensor]:
+        """The loss's parts: cross-entropy, curvature, dispersion and first-order alignment."""
+        parts = [loss_and_gradient(m, x, y) for m in model.members]
+        grads = [g for _, g in parts]
+        shared = unit_direction(sum(g.detach() for g in grads), self.direction) if self.shared_direction else None
+        hvps = [hvp_fd(m, x, y, shared if shared is not None else unit_direction(g, self.direction), self.h, grad=g)
+                for m, g in zip(model.members, grads)]
+        return {
+            "ce": sum(loss.mean() for loss, _ in parts),
+            "curvature": torch.stack([v.flatten(1).pow(2).sum(1).mean() for v in hvps]).mean(),
+            "dispersion": mean_pairwise_cos(hvps, self.abs_cos),
+            "first_order": mean_pairwise_cos(grads, True),
+        }
+
+    def forward(self, model: Ensemble, x, y):
+        t = self.terms(model, x, y)
+        loss = t["ce"] + self.alpha * t["curvature"] + self.beta * t["dispersion"]
+        return loss + self.gamma * t["first_order"] if self.gamma else loss

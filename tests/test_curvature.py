@@ -1,0 +1,104 @@
+"""Curvature and ensembles: the finite-difference HVP against the exact one, directions, and the
+ensemble losses (their gradients reach every member)."""
+
+import pytest
+import torch
+from torch import nn
+
+from defenses_lib.curvature import direction, hvp_exact, hvp_fd, input_gradient
+from defenses_lib.defenses.ensembles import DLCLoss, Ensemble, GALLoss, IndependentLoss, mean_pairwise_cos
+
+
+def smooth_net(seed=0, dtype=torch.float64):
+    """A small softplus CNN: twice differentiable, so its input Hessian is well defined."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Softplus(), nn.Flatten(), nn.Linear(4 * 64, 16),
+                         nn.Softplus(), nn.Linear(16, 10)).to(dtype)
+
+
+def _xy(n=8, dtype=torch.float64):
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(n, 1, 8, 8, generator=g, dtype=dtype), torch.randint(0, 10, (n,), generator=g)
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_finite_difference_hvp_matches_exact_within_5_percent():
+    model, (x, y) = smooth_net(), _xy()
+    z = direction(input_gradient(model, x, y), "sign")
+    exact = hvp_exact(model, x, y, z)
+    assert _rel(hvp_fd(model, x, y, z, h=1e-3, create_graph=False), exact) < 0.05
+
+
+def test_finite_difference_error_shrinks_with_h():
+    model, (x, y) = smooth_net(), _xy()
+    z = direction(input_gradient(model, x, y), "random", torch.Generator().manual_seed(0))
+    exact = hvp_exact(model, x, y, z)
+    errors = [_rel(hvp_fd(model, x, y, z, h, create_graph=False), exact) for h in (1.0, 0.1, 0.01)]
+    assert errors[0] > errors[1] > errors[2]
+
+
+def test_directions_are_unit_and_checked():
+    g = torch.randn(5, 1, 8, 8)
+    for kind in ("sign", "random"):
+        assert torch.allclose(direction(g, kind).flatten(1).norm(dim=1), torch.ones(5))
+    assert torch.equal(direction(g, "sign").sign(), g.sign())
+    with pytest.raises(ValueError, match="kind"):
+        direction(g, "hessian")
+    with pytest.raises(ValueError, match="h must be"):
+        hvp_fd(smooth_net(), *_xy(), torch.zeros(8, 1, 8, 8, dtype=torch.float64), h=0.0)
+
+
+def test_pairwise_cosine():
+    a = torch.randn(4, 10)
+    assert torch.isclose(mean_pairwise_cos([a, 2 * a]), torch.tensor(1.0))
+    assert torch.isclose(mean_pairwise_cos([a, -a]), torch.tensor(1.0))
+    assert torch.isclose(mean_pairwise_cos([a, -a], absolute=False), torch.tensor(-1.0))
+    e1, e2 = torch.eye(2)[0].expand(3, 2), torch.eye(2)[1].expand(3, 2)
+    assert torch.isclose(mean_pairwise_cos([e1, e2]), torch.tensor(0.0))
+
+
+def test_ensemble_averages_softmax():
+    members = [smooth_net(s, torch.float32) for s in range(3)]
+    x, _ = _xy(dtype=torch.float32)
+    out = Ensemble(members)(x)
+    expect = torch.stack([m(x).softmax(1) for m in members]).mean(0).log()
+    assert torch.allclose(out, expect, atol=1e-6)
+    with pytest.raises(ValueError, match="at least 2"):
+        Ensemble(members[:1])
+
+
+@pytest.mark.parametrize("loss", [
+    DLCLoss(alpha=1.0, beta=1.0, h=0.1),
+    DLCLoss(alpha=1.0, beta=1.0, h=0.1, shared_direction=False, abs_cos=False, gamma=1.0, direction="random"),
+    GALLoss(0.5),
+    IndependentLoss(),
+])
+def test_every_loss_reaches_every_member(loss):
+    ens = Ensemble([smooth_net(s, torch.float32) for s in range(3)])
+    x, y = _xy(dtype=torch.float32)
+    loss(ens, x, y).backward()
+    for m in ens.members:
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
+
+
+def test_regularizer_alone_reaches_every_member():
+    ens = Ensemble([smooth_net(s, torch.float32) for s in range(3)])
+    x, y = _xy(dtype=torch.float32)
+    t = DLCLoss(h=0.1).terms(ens, x, y)
+    (t["curvature"] + t["dispersion"]).backward()
+    for m in ens.members:
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
+
+
+def test_h_schedule_follows_the_epoch():
+    loss = DLCLoss(h=[0.01, 0.1, 0.5])
+    assert loss.h == 0.01
+    loss.set_epoch(1)
+    assert loss.h == 0.1
+    loss.set_epoch(7)
+    assert loss.h == 0.5
+    with pytest.raises(ValueError, match="h must be"):
+        DLCLoss(h=[0.1, -1])
