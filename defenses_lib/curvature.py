@@ -55,3 +55,15 @@ def hvp_exact(model: nn.Module, x: torch.Tensor, y: torch.Tensor, z: torch.Tenso
     g = input_gradient(model, x, y, create_graph=True)
     hz, = torch.autograd.grad((g * z).sum(), x)
     return hz
+
+
+def mean_curvature(model: nn.Module, x: torch.Tensor, y: torch.Tensor, h: float | None = None,
+                   kind: str = "sign", batch_size: int = 250) -> float:
+    """Mean over examples of ||H z|| (exact by double back-propagation, or finite-difference with step h)."""
+    total = 0.0
+    for i in range(0, len(x), batch_size):
+        xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+        z = direction(input_gradient(model, xb, yb), kind)
+        hz = hvp_exact(model, xb, yb, z) if h is None else hvp_fd(model, xb, yb, z, h, create_graph=False)
+        total += hz.flatten(1).norm(dim=1).sum().item()
+    return total / len(x)

@@ -109,6 +109,16 @@ def curve(sweep: dict[float, RobustResult], attack: str) -> dict[float, float]:
     return {e: r.accuracy()[attack if e > 0 else "clean"] for e, r in sweep.items()}
 
 
+def transfer_matrix(models, x: torch.Tensor, y: torch.Tensor, attack, batch_size: int = 250) -> torch.Tensor:
+    """M[i, j] = accuracy of model j on adversarial examples made against model i (the diagonal is white-box)."""
+    check_inputs(x, y)
+    rows = []
+    for source in models:
+        x_adv = run_attack(attack, source, x, y, batch_size)
+        rows.append(torch.tensor([(predict(target, x_adv) == y).float().mean().item() for target in models]))
+    return torch.stack(rows)
+
+
 def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str = "linf",
                version: str = "standard", attacks=None, n_target_classes: int | None = None,
                square_queries: int | None = None, seed: int = 0, batch_size: int = 250) -> torch.Tensor:

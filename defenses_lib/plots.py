@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 
 import matplotlib.pyplot as plt
+import numpy as np
 import torch
 
 
@@ -21,6 +22,24 @@ def plot_eps_curves(curves: dict[str, dict[float, float]], title: str = "", xlab
     ax.grid(alpha=0.3)
     ax.legend()
     return ax
+
+
+def plot_heatmaps(matrices: dict[str, torch.Tensor], labels, title: str = "", xlabel: str = "target",
+                  ylabel: str = "source", vmax: float = 100.0):
+    """Side-by-side annotated heatmaps (values in %), one per named matrix, on one colour scale."""
+    fig, axes = plt.subplots(1, len(matrices), figsize=(3.4 * len(matrices), 3.2), squeeze=False)
+    for ax, (name, m) in zip(axes[0], matrices.items()):
+        vals = 100 * m.detach().cpu().numpy()
+        im = ax.imshow(vals, vmin=0, vmax=vmax, cmap="viridis")
+        for i, j in np.ndindex(vals.shape):
+            ax.text(j, i, f"{vals[i, j]:.0f}", ha="center", va="center",
+                    color="white" if vals[i, j] < vmax / 2 else "black", fontsize=9)
+        ax.set(xticks=range(len(labels)), yticks=range(len(labels)), xticklabels=labels, yticklabels=labels,
+               xlabel=xlabel, ylabel=ylabel, title=name)
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="accuracy (%)")
+    if title:
+        fig.suptitle(title)
+    return fig
 
 
 def _imshow(ax, img: torch.Tensor, title: str = "", cmap=None):

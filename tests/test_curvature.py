@@ -102,3 +102,36 @@ def test_h_schedule_follows_the_epoch():
     assert loss.h == 0.5
     with pytest.raises(ValueError, match="h must be"):
         DLCLoss(h=[0.1, -1])
+
+
+def test_mean_curvature_exact_and_finite_difference_agree():
+    from defenses_lib.curvature import mean_curvature
+
+    model, (x, y) = smooth_net(), _xy(20)
+    exact, fd = mean_curvature(model, x, y, batch_size=7), mean_curvature(model, x, y, h=1e-4, batch_size=7)
+    assert exact > 0 and abs(fd - exact) / exact < 0.05
+
+
+def test_transfer_matrix_rows_are_sources(mnist_small):
+    from functools import partial
+
+    from defenses_lib.attacks import pgd
+    from defenses_lib.evaluation import accuracy, transfer_matrix
+
+    model, x, y = mnist_small
+    x, y = x[:60], y[:60]
+    blind = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))  # a model whose own attack is easy to run
+    m = transfer_matrix([model, blind], x, y, partial(pgd, eps=0.3, steps=20))
+    assert m.shape == (2, 2) and ((0 <= m) & (m <= 1)).all()
+    assert m[0, 0] <= 0.05  # white-box at eps = 0.3 breaks the trained CNN
+    assert abs(m[1, 1] - accuracy(blind, pgd(blind, x, y, 0.3, steps=20), y)) <= 0.05
+
+
+def test_heatmaps_figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from defenses_lib.plots import plot_heatmaps
+
+    fig = plot_heatmaps({"a": torch.rand(3, 3), "b": torch.rand(3, 3)}, ["m1", "m2", "m3"])
+    assert len(fig.axes) == 3  # two heatmaps and the colour bar
