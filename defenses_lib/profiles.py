@@ -30,7 +30,7 @@ PROFILES: dict[str, dict[str, dict]] = {
         "quick": dict(
             dataset="mnist", arch="mnist_cnn", n_train=12_000, n_test=400, batch_size=128, lr=1e-3,
             epochs_standard=2, epochs_at=2, train_eps=0.1, train_steps=3, train_alpha=0.04, trades_beta=3.0,
-            eval_eps=(0.1, 0.3), eval_steps=40, eval_alpha=0.01, curve_eps=(0.0, 0.1, 0.15, 0.2, 0.3),
+            eval_eps=(0.1, 0.3), eval_steps=40, eval_alpha=0.01, curve_eps=(0.0, 0.1, 0.2, 0.3),
             aa_models=("PGD-AT",), aa_n=100, aa_version="custom", aa_attacks=("apgd-ce", "apgd-t"), aa_targets=2,
             sanity_n=100, square_queries=500, seed=0,
         ),
