@@ -147,7 +147,9 @@ def train(model: nn.Module, dataset, loss_fn, *, epochs: int, batch_size: int = 
         sched.load_state_dict(state["scheduler"])
         if isinstance(loss_fn, nn.Module):
             loss_fn.load_state_dict(state["loss"])
-        torch.set_rng_state(state["rng"])
+        torch.set_rng_state(state["rng"].cpu())
+        if state["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([t.cpu() for t in state["cuda_rng"]])
         start, history = state["epoch"], state["history"]
     for epoch in range(start, epochs):
         if hasattr(loss_fn, "set_epoch"):  # losses with a schedule (an h or eps ramp) follow the epoch
@@ -158,7 +160,9 @@ def train(model: nn.Module, dataset, loss_fn, *, epochs: int, batch_size: int = 
         if checkpoint is not None:
             atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                          "loss": loss_fn.state_dict() if isinstance(loss_fn, nn.Module) else {},
-                         "rng": torch.get_rng_state(), "epoch": epoch + 1, "history": history}, checkpoint)
+                         "rng": torch.get_rng_state(), "epoch": epoch + 1, "history": history,
+                         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                        checkpoint)
     model.eval()
     return history
 

@@ -91,3 +91,22 @@ def test_bad_training_arguments():
 def test_device_and_recipe_hash():
     assert pick_device("cpu").type == "cpu"
     assert recipe_hash({"a": 1, "b": 2}) == recipe_hash({"b": 2, "a": 1}) != recipe_hash({"a": 2, "b": 2})
+
+
+def test_resume_when_the_checkpoint_is_mapped_to_another_device(tmp_path, monkeypatch):
+    """A checkpoint loaded onto the training device (a GPU) still restores the CPU random state."""
+    import defenses_lib.training as training
+
+    ckpt = tmp_path / "run.pt"
+    train(_model(), _dataset(), CrossEntropy(), epochs=1, checkpoint=ckpt, show_progress=False)
+    real = training.load_checkpoint
+
+    def on_meta_device(path, device=None):
+        state = real(path, device)
+        state["rng"] = state["rng"].to("meta")  # stands in for a tensor that is not on the CPU
+        return state
+
+    monkeypatch.setattr(training, "load_checkpoint", on_meta_device)
+    # .cpu() on a meta tensor raises NotImplementedError; without the .cpu() call, set_rng_state raises TypeError
+    with pytest.raises(NotImplementedError):
+        train(_model(), _dataset(), CrossEntropy(), epochs=2, checkpoint=ckpt, show_progress=False)
