@@ -14,12 +14,17 @@ import torch.nn.functional as F
 DIRECTIONS = ("sign", "random")
 
 
+def loss_and_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, create_graph: bool = True):
+    """Per-example cross-entropy and its input gradient (row i is example i's own gradient)."""
+    x = x if x.requires_grad else x.detach().requires_grad_(True)
+    loss = F.cross_entropy(model(x), y, reduction="none")
+    grad, = torch.autograd.grad(loss.sum(), x, create_graph=create_graph)
+    return loss, grad
+
+
 def input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, create_graph: bool = False) -> torch.Tensor:
     """g(x) = d/dx of the summed per-example cross-entropy (so row i is example i's own gradient)."""
-    x = x if x.requires_grad else x.detach().requires_grad_(True)
-    loss = F.cross_entropy(model(x), y, reduction="sum")
-    grad, = torch.autograd.grad(loss, x, create_graph=create_graph)
-    return grad
+    return loss_and_gradient(model, x, y, create_graph)[1]
 
 
 def unit(v: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from ..curvature import direction as unit_direction, hvp_fd
+from ..curvature import direction as unit_direction, hvp_fd, loss_and_gradient
 
 
 class Ensemble(nn.Module):
@@ -32,14 +32,6 @@ class Ensemble(nn.Module):
     def forward(self, x):
         probs = torch.stack([m(x).softmax(1) for m in self.members]).mean(0)
         return probs.clamp_min(1e-12).log()
-
-
-def loss_and_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
-    """Per-example cross-entropy and its input gradient, both differentiable in the parameters."""
-    x = x.detach().requires_grad_(True)
-    loss = F.cross_entropy(model(x), y, reduction="none")
-    grad, = torch.autograd.grad(loss.sum(), x, create_graph=True)
-    return loss, grad
 
 
 def mean_pairwise_cos(vectors: list[torch.Tensor], absolute: bool = True) -> torch.Tensor:
