@@ -52,7 +52,7 @@ def check_inputs(x: torch.Tensor, y: torch.Tensor | None = None, eps: float | No
         raise ValueError(f"x must be a tensor of shape (N, C, H, W), got {shape}")
     if not x.is_floating_point():
         raise ValueError(f"x must be a floating-point tensor with pixels in [0, 1], got dtype {x.dtype}")
-    lo, hi = float(x.min()), float(x.max())
+    lo, hi = float(x.detach().min()), float(x.detach().max())
     if lo < -1e-6 or hi > 1 + 1e-6:
         raise ValueError(f"x must hold pixels in [0, 1] (normalisation belongs inside the model), got range [{lo:.3g}, {hi:.3g}]")
     if y is not None and (y.dim() != 1 or y.shape[0] != x.shape[0]):

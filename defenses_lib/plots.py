@@ -35,7 +35,7 @@ def plot_heatmaps(matrices: dict[str, torch.Tensor], labels, title: str = "", xl
             ax.text(j, i, f"{vals[i, j]:.0f}", ha="center", va="center",
                     color="white" if vals[i, j] < vmax / 2 else "black", fontsize=9)
         ax.set(xticks=range(len(labels)), yticks=range(len(labels)), xticklabels=labels, yticklabels=labels,
-               xlabel=xlabel, ylabel=ylabel, title=name)
+               xlabel=xlabel, ylabel=ylabel if ax is axes[0, 0] else "", title=name)
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="accuracy (%)")
     if title:
         fig.suptitle(title)
@@ -51,9 +51,9 @@ def _imshow(ax, img: torch.Tensor, title: str = "", cmap=None):
         arr = arr.permute(1, 2, 0)
     if cmap == "seismic":
         m = float(arr.abs().max()) or 1.0
-        ax.imshow(arr if arr.dim() == 2 else arr.mean(-1), cmap=cmap, vmin=-m, vmax=m)
+        ax.imshow((arr if arr.dim() == 2 else arr.mean(-1)).numpy(), cmap=cmap, vmin=-m, vmax=m)
     else:
-        ax.imshow(arr.clamp(0, 1), cmap="gray" if arr.dim() == 2 else None, vmin=0, vmax=1)
+        ax.imshow(arr.clamp(0, 1).numpy(), cmap="gray" if arr.dim() == 2 else None, vmin=0, vmax=1)
     ax.set_title(title, fontsize=9)
     ax.set_axis_off()
 
@@ -72,6 +72,20 @@ def show_adversarial(x: torch.Tensor, x_adv: torch.Tensor, pred: torch.Tensor, p
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
+    return fig
+
+
+def show_transfer(x_adv: torch.Tensor, y: torch.Tensor, preds: dict[str, torch.Tensor], classes=None, title: str = ""):
+    """One row of adversarial images, each titled with every named model's prediction (wrong ones in red)."""
+    name = (lambda k: classes[int(k)]) if classes is not None else (lambda k: str(int(k)))
+    fig, axes = plt.subplots(1, len(x_adv), figsize=(1.45 * len(x_adv), 1.9), squeeze=False)
+    for i, ax in enumerate(axes[0]):
+        _imshow(ax, x_adv[i], f"label {name(y[i])}")
+        lines = [(f"{who}: {name(p[i])}", "black" if p[i] == y[i] else "red") for who, p in preds.items()]
+        for k, (text, colour) in enumerate(lines):
+            ax.text(0.5, -0.08 - 0.16 * k, text, transform=ax.transAxes, ha="center", va="top", fontsize=8, color=colour)
+    if title:
+        fig.suptitle(title, fontsize=9)
     return fig
 
 

@@ -42,6 +42,30 @@ PROFILES: dict[str, dict[str, dict]] = {
             sanity_n=1000, square_queries=5000, seed=0,
         ),
     },
+    "ensembles": {
+        "quick": dict(
+            dataset="mnist", arch="mnist_cnn", members=3, n_train=4_000, n_test=200, batch_size=128, lr=1e-3,
+            epochs_pretrain=1, epochs_finetune=1, gal_coeff=0.5,
+            dlc_alpha=4.0, dlc_beta=1.0, dlc_h=(1.0,), dlc_direction="sign", dlc_shared=True, dlc_abs=True, dlc_gamma=0.0,
+            hvp_n=64, hvp_h_grid=(1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 0.3, 1.0, 3.0), timing_repeat=5,
+            curvature_n=100, transfer_eps=0.1, transfer_steps=20, transfer_n=100,
+            eval_eps=(0.1, 0.3), eval_steps=40, eval_alpha=0.01, curve_eps=(0.0, 0.1, 0.2, 0.3),
+            aa_models=("independent", "DLC"), aa_n=60, aa_version="custom", aa_attacks=("apgd-ce", "apgd-t"), aa_targets=2,
+            sanity_n=60, square_queries=500, explorer_n=4, explorer_eps=(0.1, 0.2), seed=0,
+        ),
+        "paper": dict(
+            dataset="cifar10", arch="resnet20", members=3, n_train=50_000, n_test=1_000, batch_size=128, lr=1e-3,
+            epochs_pretrain=100, epochs_finetune=20, gal_coeff=0.5,
+            dlc_alpha=4.0, dlc_beta=1.0, dlc_h=(0.025, 0.1, 0.2, 0.45, 0.75), dlc_direction="sign", dlc_shared=True,
+            dlc_abs=True, dlc_gamma=0.0,
+            hvp_n=128, hvp_h_grid=(1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 0.3, 1.0, 3.0), timing_repeat=10,
+            curvature_n=1_000, transfer_eps=8 / 255, transfer_steps=20, transfer_n=1_000,
+            eval_eps=(2 / 255, 8 / 255), eval_steps=100, eval_alpha=0.5 / 255,
+            curve_eps=(0.0, 1 / 255, 2 / 255, 4 / 255, 8 / 255, 16 / 255),
+            aa_models=("independent", "GAL", "DLC"), aa_n=1_000, aa_version="standard", aa_attacks=None,
+            aa_targets=None, sanity_n=500, square_queries=5_000, explorer_n=6, explorer_eps=(2 / 255, 4 / 255, 8 / 255), seed=0,
+        ),
+    },
 }
 
 

@@ -1,9 +1,11 @@
-"""Where and how code runs: the device, seeds and progress bars."""
+"""Where and how code runs: the device, seeds, progress bars and timing."""
 
 from __future__ import annotations
 
 import os
 import random
+import statistics
+import time
 
 import numpy as np
 import torch
@@ -39,3 +41,21 @@ def progress(iterable, desc: str | None = None, enabled: bool = True, **kwargs):
     if not enabled or os.environ.get("TQDM_DISABLE") == "1":  # tqdm.notebook ignores the variable itself
         kwargs["disable"] = True
     return tqdm(iterable, desc=desc, leave=False, **kwargs)
+
+
+def timeit(fn, repeat: int = 5, warmup: int = 1) -> float:
+    """The median wall time of ``fn()`` in seconds over ``repeat`` calls, after ``warmup`` untimed ones."""
+    if repeat < 1 or warmup < 0:
+        raise ValueError(f"repeat must be >= 1 and warmup >= 0, got repeat={repeat}, warmup={warmup}")
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from .attacks import attack_mode, check_inputs, pgd, project
-from .runtime import pick_device, progress, seed_everything
+from .runtime import pick_device, progress, seed_everything, timeit
 
 RUNS_ENV = "DEFENSES_RUNS"
 
@@ -40,6 +40,9 @@ class PGDAdversarialLoss(nn.Module):
         check_inputs(torch.zeros(1, 1, 1, 1), eps=eps, norm=norm)
         self.eps, self.steps, self.alpha, self.norm = eps, steps, alpha, norm
 
+    def extra_repr(self) -> str:
+        return f"eps={self.eps}, steps={self.steps}, alpha={self.alpha}, norm={self.norm!r}"
+
     def forward(self, model, x, y):
         x_adv = pgd(model, x, y, self.eps, self.alpha, self.steps, self.norm, random_start=True, early_stop=False)
         return F.cross_entropy(model(x_adv), y)
@@ -53,6 +56,9 @@ class TradesLoss(nn.Module):
         check_inputs(torch.zeros(1, 1, 1, 1), eps=eps)
         self.eps, self.beta, self.steps = eps, beta, steps
         self.alpha = 2.5 * eps / steps if alpha is None else alpha
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps}, beta={self.beta}, steps={self.steps}, alpha={self.alpha}"
 
     def adversary(self, model, x):
         """The KL-maximising point x' (TRADES' inner problem), started at x + 0.001 * noise."""
@@ -182,3 +188,34 @@ def _run_epoch(model, dataset, loss_fn, opt, batch_size, seed, epoch, device, de
         seen += len(y)
         bar.set_postfix(loss=f"{total / seen:.3f}")
     return {"epoch": epoch + 1, "loss": total / max(seen, 1), "examples": seen, "seconds": time.perf_counter() - t0}
+
+
+def fit(model: nn.Module, dataset, loss_fn, *, chapter: str, name: str, recipe: dict, epochs: int,
+        **train_kwargs) -> nn.Module:
+    """``train`` with a checkpoint named by the recipe's hash (a finished run is loaded); returns the model in eval mode on the CPU.
+
+    ``recipe`` must identify everything that shapes the weights besides the loss, the epochs and
+    ``train_kwargs`` (which are added to it): the data, the architecture, the initial weights.
+    """
+    full = dict(recipe, name=name, loss=repr(loss_fn), epochs=epochs, **train_kwargs)
+    full.pop("device", None)
+    path = run_dir(chapter) / f"{name}-{recipe_hash(full)}.pt"
+    done = load_checkpoint(path)["epoch"] if path.is_file() else 0
+    history = train(model, dataset, loss_fn, epochs=epochs, checkpoint=path, desc=name, **train_kwargs)
+    how = "finished run loaded" if done >= epochs else f"resumed after epoch {done}" if done else "trained now"
+    print(f"{name}: {epochs} epochs on {len(dataset)} images, {sum(h['seconds'] for h in history):.0f} s of training, "
+          f"final training loss {history[-1]['loss'] if history else float('nan'):.3f} ({how}, {path.name})")
+    return model.cpu().eval()
+
+
+def step_time(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor, repeat: int = 5) -> float:
+    """Median seconds of one training step's forward and backward pass of ``loss_fn`` on (x, y); weights unchanged."""
+    def step():
+        model.zero_grad(set_to_none=True)
+        loss_fn(model, x, y).backward()
+    model.train()
+    try:
+        return timeit(step, repeat=repeat)
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.eval()

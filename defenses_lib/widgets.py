@@ -6,12 +6,14 @@ widgets respond without a running kernel: in Jupyter, in Colab and in the built 
 
 from __future__ import annotations
 
+import itertools
+
 import ipywidgets as W
 import torch
 
 from .attacks import pgd
 from .evaluation import predict
-from .plots import figure_png, show_adversarial
+from .plots import figure_png, show_adversarial, show_transfer
 
 
 def linked_views(views: list[list[bytes]], item_labels: list[str], step_labels: list[str], step_name: str) -> W.VBox:
@@ -49,4 +51,28 @@ def eps_explorer(models: dict, x: torch.Tensor, y: torch.Tensor, eps_grid, attac
                 rows[i].append(figure_png(fig))
         views += rows
         labels += [f"{model_name}: test image #{i} (a {name(y[i])})" for i in range(len(x))]
+    return linked_views(views, labels, [f"{e:.3f}" for e in eps_grid], "eps")
+
+
+def transfer_explorer(ensembles: dict, x: torch.Tensor, y: torch.Tensor, eps_grid, attack=pgd, classes=None,
+                      **attack_kwargs) -> W.VBox:
+    """Pick an ensemble and a (source, target) pair of its members, move eps: examples made on one, shown to the other.
+
+    ``ensembles`` maps names to lists of member models. Each view attacks the source member alone
+    with ``attack`` and shows which of the images fool the source and which also fool the target.
+    """
+    eps_grid = [float(e) for e in eps_grid]
+    views, labels = [], []
+    for ens_name, members in ensembles.items():
+        adv = {(s, e): attack(members[s], x, y, eps=e, **attack_kwargs) for s in range(len(members)) for e in eps_grid}
+        for s, t in itertools.permutations(range(len(members)), 2):
+            row = []
+            for e in eps_grid:
+                preds = {f"member {s + 1}": predict(members[s], adv[s, e]), f"member {t + 1}": predict(members[t], adv[s, e])}
+                fooled = [int((p != y).sum()) for p in preds.values()]
+                title = (f"{ens_name}, eps = {e:.3f}: made on member {s + 1}; fools it on {fooled[0]}/{len(y)}, "
+                         f"transfers to member {t + 1} on {fooled[1]}/{len(y)}")
+                row.append(figure_png(show_transfer(adv[s, e], y, preds, classes, title)))
+            views.append(row)
+            labels.append(f"{ens_name}: member {s + 1} -> member {t + 1}")
     return linked_views(views, labels, [f"{e:.3f}" for e in eps_grid], "eps")

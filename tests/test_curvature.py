@@ -135,3 +135,17 @@ def test_heatmaps_figure():
 
     fig = plot_heatmaps({"a": torch.rand(3, 3), "b": torch.rand(3, 3)}, ["m1", "m2", "m3"])
     assert len(fig.axes) == 3  # two heatmaps and the colour bar
+
+
+def test_transfer_explorer_has_a_view_per_pair_and_eps(tiny_model):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from defenses_lib.widgets import transfer_explorer
+
+    members = [tiny_model, smooth_net(1, torch.float32), smooth_net(2, torch.float32)]
+    x, y = _xy(3, torch.float32)
+    box = transfer_explorer({"toy": members}, x, y, eps_grid=[0.1, 0.2], steps=2)
+    chooser, slider = box.children[0].children
+    assert len(chooser.options) == 6 and len(slider.options) == 2  # ordered pairs of 3 members, 2 budgets
+    assert all(len(stack.children) == 2 for stack in box.children[1].children)

@@ -8,6 +8,7 @@ import torch
 
 from defenses_lib.attacks import pgd
 from defenses_lib.data import balanced_subset, load_dataset
+from defenses_lib.defenses.ensembles import train_ensembles
 from defenses_lib.evaluation import autoattack, evaluate
 from defenses_lib.models import build_model
 from defenses_lib.profiles import PROFILES, get_profile
@@ -48,3 +49,17 @@ def test_foundations_paper_profile_runs_a_few_steps(data_root):
     assert res.n == 10
     x_aa = autoattack(model, x[:2], y[:2], P.train_eps, version=P.aa_version)
     assert x_aa.shape == (2, 1, 28, 28)
+
+
+def test_ensembles_paper_profile_runs_a_few_steps(data_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("DEFENSES_RUNS", str(tmp_path))
+    P = get_profile("ensembles", "paper")
+    P.update(n_train=20, batch_size=10, epochs_pretrain=1, epochs_finetune=1)  # two steps per loss
+    data = balanced_subset(load_dataset(P.dataset, "train", data_root), P.n_train)
+    ensembles = train_ensembles(P, data)
+    assert list(ensembles) == ["pre-trained", "independent", "GAL", "DLC"]
+    x, y = balanced_subset(load_dataset(P.dataset, "test", data_root), 10, seed=1).tensors()
+    for ens in ensembles.values():
+        assert len(ens.members) == P.members and ens(x).shape == (10, 10)
+    res = evaluate(ensembles["DLC"], x, y, {"PGD": partial(pgd, eps=P.eval_eps[-1], alpha=P.eval_alpha, steps=3)})
+    assert res.n == 10

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from defenses_lib.data import ImageDataset
-from defenses_lib.runtime import pick_device
-from defenses_lib.training import (CrossEntropy, PGDAdversarialLoss, TradesLoss, atomic_save, load_checkpoint,
-                                   recipe_hash, train)
+from defenses_lib.runtime import pick_device, timeit
+from defenses_lib.training import (CrossEntropy, PGDAdversarialLoss, TradesLoss, atomic_save, fit, load_checkpoint,
+                                   recipe_hash, step_time, train)
 
 
 def _dataset(n=96):
@@ -110,3 +110,28 @@ def test_resume_when_the_checkpoint_is_mapped_to_another_device(tmp_path, monkey
     # .cpu() on a meta tensor raises NotImplementedError; without the .cpu() call, set_rng_state raises TypeError
     with pytest.raises(NotImplementedError):
         train(_model(), _dataset(), CrossEntropy(), epochs=2, checkpoint=ckpt, show_progress=False)
+
+
+def test_fit_names_the_checkpoint_by_recipe_and_loads_a_finished_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DEFENSES_RUNS", str(tmp_path))
+    kw = dict(chapter="ch", name="m", recipe={"data": "toy"}, epochs=1, batch_size=32, show_progress=False)
+    a = fit(_model(), _dataset(), PGDAdversarialLoss(0.1, steps=1), **kw)
+    assert "trained now" in capsys.readouterr().out and not a.training
+    b = fit(_model(), _dataset(), PGDAdversarialLoss(0.1, steps=1), **kw)
+    assert "finished run loaded" in capsys.readouterr().out and torch.equal(_weights(a), _weights(b))
+    fit(_model(), _dataset(), PGDAdversarialLoss(0.2, steps=1), **kw)  # another loss setting: another checkpoint
+    assert len(list((tmp_path / "ch").glob("m-*.pt"))) == 2
+
+
+def test_step_time_leaves_the_weights_alone():
+    model, (x, y) = _model(), _dataset(32).tensors()
+    before = _weights(model)
+    assert step_time(model, CrossEntropy(), x, y, repeat=2) > 0
+    assert torch.equal(before, _weights(model)) and all(p.grad is None for p in model.parameters())
+
+
+def test_timeit_counts_its_calls():
+    calls = []
+    assert timeit(lambda: calls.append(1), repeat=3, warmup=2) >= 0 and len(calls) == 5
+    with pytest.raises(ValueError, match="repeat"):
+        timeit(lambda: None, repeat=0)

@@ -11,6 +11,7 @@ AutoAttack see exactly what the defense predicts. The losses plug into ``trainin
 
 from __future__ import annotations
 
+import copy
 import itertools
 
 import torch
@@ -18,6 +19,9 @@ from torch import nn
 import torch.nn.functional as F
 
 from ..curvature import direction as unit_direction, hvp_fd, loss_and_gradient
+from ..models import build_model
+from ..runtime import seed_everything
+from ..training import fit
 
 
 class Ensemble(nn.Module):
@@ -55,6 +59,9 @@ class GALLoss(nn.Module):
         super().__init__()
         self.coeff = coeff
 
+    def extra_repr(self) -> str:
+        return f"coeff={self.coeff}"
+
     def forward(self, model: Ensemble, x, y):
         parts = [loss_and_gradient(m, x, y) for m in model.members]
         cos = [F.cosine_similarity(a[1].flatten(1), b[1].flatten(1), dim=1, eps=1e-12).mean()
@@ -85,6 +92,10 @@ class DLCLoss(nn.Module):
         self.direction, self.shared_direction, self.abs_cos = direction, shared_direction, abs_cos
         self.h = self.schedule[0]
 
+    def extra_repr(self) -> str:
+        return (f"alpha={self.alpha}, beta={self.beta}, h={self.schedule}, direction={self.direction!r}, "
+                f"shared_direction={self.shared_direction}, abs_cos={self.abs_cos}, gamma={self.gamma}")
+
     def set_epoch(self, epoch: int) -> None:
         """Use the schedule's h for this epoch (the last one after the schedule ends)."""
         self.h = self.schedule[min(epoch, len(self.schedule) - 1)]
@@ -107,3 +118,34 @@ class DLCLoss(nn.Module):
         t = self.terms(model, x, y)
         loss = t["ce"] + self.alpha * t["curvature"] + self.beta * t["dispersion"]
         return loss + self.gamma * t["first_order"] if self.gamma else loss
+
+
+def ensemble_losses(P) -> dict[str, nn.Module]:
+    """The chapter's three fine-tuning losses, built from a profile of the ``ensembles`` chapter."""
+    return {
+        "independent": IndependentLoss(),
+        "GAL": GALLoss(P.gal_coeff),
+        "DLC": DLCLoss(alpha=P.dlc_alpha, beta=P.dlc_beta, h=list(P.dlc_h), direction=P.dlc_direction,
+                       shared_direction=P.dlc_shared, abs_cos=P.dlc_abs, gamma=P.dlc_gamma),
+    }
+
+
+def train_ensembles(P, train_set, device=None, chapter: str = "ensembles") -> dict[str, Ensemble]:
+    """Chapter 1's recipe: pre-train P.members members independently, then fine-tune a copy with each loss.
+
+    All three ensembles start from the same pre-trained members and get the same number of
+    fine-tuning epochs, so they differ only in the fine-tuning loss. The first key is the
+    pre-trained ensemble itself ("pre-trained").
+    """
+    recipe = {k: P[k] for k in ("dataset", "arch", "members", "n_train", "seed")}
+    kw = dict(batch_size=P.batch_size, lr=P.lr, seed=P.seed, device=device)
+    seed_everything(P.seed)   # the members' initial weights differ from each other but not from run to run
+    pre = Ensemble([build_model(P.arch, P.dataset) for _ in range(P.members)])
+    pre = fit(pre, train_set, IndependentLoss(), chapter=chapter, name="pre-trained", recipe=recipe,
+              epochs=P.epochs_pretrain, **kw)
+    init = dict(recipe, epochs=P.epochs_pretrain, batch_size=P.batch_size, lr=P.lr)  # names the starting point
+    out = {"pre-trained": pre}
+    for name, loss in ensemble_losses(P).items():
+        out[name] = fit(copy.deepcopy(pre), train_set, loss, chapter=chapter, name=name, recipe=dict(recipe, init=init),
+                        epochs=P.epochs_finetune, **dict(kw, seed=P.seed + 1))
+    return out
