@@ -89,6 +89,20 @@ def show_transfer(x_adv: torch.Tensor, y: torch.Tensor, preds: dict[str, torch.T
     return fig
 
 
+def show_stages(stages: dict[str, torch.Tensor], notes: dict[str, list[str]] | None = None, title: str = ""):
+    """A grid with one column per named stage of a pipeline (clean, transformed, purified, ...) and one row per image."""
+    n = len(next(iter(stages.values())))
+    fig, axes = plt.subplots(n, len(stages), figsize=(1.6 * len(stages), 1.75 * n), squeeze=False)
+    for j, (stage, imgs) in enumerate(stages.items()):
+        for i in range(n):
+            note = (notes or {}).get(stage)
+            _imshow(axes[i, j], imgs[i], (stage if i == 0 else "") + (f"\n{note[i]}" if note else ""))
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def figure_png(fig, dpi: int = 80) -> bytes:
     """A matplotlib figure as PNG bytes; the figure is closed."""
     buf = io.BytesIO()

@@ -66,6 +66,27 @@ PROFILES: dict[str, dict[str, dict]] = {
             aa_targets=None, sanity_n=500, square_queries=5_000, explorer_n=6, explorer_eps=(2 / 255, 4 / 255, 8 / 255), seed=0,
         ),
     },
+    "purification": {
+        "quick": dict(
+            dataset="mnist", arch="mnist_cnn", n_train=6_000, n_test=100, batch_size=128, lr=1e-3,
+            epochs_classifier=2, purifier_width=16, epochs_pretrain=3, epochs_finetune=1,
+            transform="rt2", block=4, missing_rate=0.25, sigma=0.25, n_masks=4,
+            ft_eps=0.3, ft_lambda=0.1, ft_attack="fgsm", ft_victim="classifier", ft_l1_target="clean",
+            lr_finetune=1e-4, eot_draws=8, eval_steps=20, eval_eps=(0.1, 0.3), curve_eps=(0.0, 0.1, 0.3), l2_eps=2.0,
+            classifier_steps=40, aa_n=30, aa_version="custom", aa_attacks=("apgd-ce", "apgd-dlr"), sanity_n=30,
+            square_queries=200, explorer_rates=(0.0, 0.25, 0.5), explorer_sigmas=(0.0, 0.25, 0.5), seed=0,
+        ),
+        "paper": dict(
+            dataset="cifar10", arch="resnet18", n_train=50_000, n_test=512, batch_size=128, lr=1e-3,
+            epochs_classifier=100, purifier_width=64, epochs_pretrain=100, epochs_finetune=20,
+            transform="rt2", block=4, missing_rate=0.25, sigma=0.25, n_masks=4,
+            ft_eps=8 / 255, ft_lambda=0.05, ft_attack="fgsm", ft_victim="classifier", ft_l1_target="clean",
+            lr_finetune=1e-4, eot_draws=20, eval_steps=200, eval_eps=(4 / 255, 8 / 255),
+            curve_eps=(0.0, 2 / 255, 4 / 255, 8 / 255, 16 / 255), l2_eps=0.5, classifier_steps=100, aa_n=512,
+            aa_version="rand", aa_attacks=None, sanity_n=200, square_queries=5_000, explorer_rates=(0.0, 0.25, 0.5),
+            explorer_sigmas=(0.0, 0.25, 0.5), seed=0,
+        ),
+    },
 }
 
 

@@ -6,6 +6,7 @@ widgets respond without a running kernel: in Jupyter, in Colab and in the built 
 
 from __future__ import annotations
 
+import copy
 import itertools
 
 import ipywidgets as W
@@ -13,7 +14,7 @@ import torch
 
 from .attacks import pgd
 from .evaluation import predict
-from .plots import figure_png, show_adversarial, show_transfer
+from .plots import figure_png, show_adversarial, show_stages, show_transfer
 
 
 def linked_views(views: list[list[bytes]], item_labels: list[str], step_labels: list[str], step_name: str) -> W.VBox:
@@ -76,3 +77,29 @@ def transfer_explorer(ensembles: dict, x: torch.Tensor, y: torch.Tensor, eps_gri
             views.append(row)
             labels.append(f"{ens_name}: member {s + 1} -> member {t + 1}")
     return linked_views(views, labels, [f"{e:.3f}" for e in eps_grid], "eps")
+
+
+def purification_explorer(model, x: torch.Tensor, y: torch.Tensor, missing_rates, sigmas, seed: int = 0) -> W.VBox:
+    """Pick a missing rate, move the noise level: the transformed images, their purification and the prediction.
+
+    ``model`` is a ``PurifiedClassifier``; its purifier and classifier are kept and its transform's
+    missing rate and sigma are replaced (with the randomness fixed by ``seed`` so views compare).
+    """
+    from .defenses.purification import PurifiedClassifier
+
+    views = []
+    for rate in missing_rates:
+        row = []
+        for sigma in sigmas:
+            t = copy.copy(model.transform)
+            t.missing_rate, t.sigma, t.fixed_seed = float(rate), float(sigma), seed
+            variant = PurifiedClassifier(model.classifier, model.purifier, t)
+            with torch.no_grad():
+                noisy, masks = t.sample(x)
+                purified = variant.purify(x)
+            pred = predict(model.classifier, purified)
+            notes = [f"pred {int(p)} ({'right' if p == c else 'wrong'})" for p, c in zip(pred, y)]
+            row.append(figure_png(show_stages({"clean": x, "transformed": noisy * (1 - masks[0]), "purified": purified},
+                                              {"purified": notes}, f"missing rate {rate:g}, sigma {sigma:g}")))
+        views.append(row)
+    return linked_views(views, [f"missing rate {r:g}" for r in missing_rates], [f"{s:g}" for s in sigmas], "sigma")

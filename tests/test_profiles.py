@@ -6,9 +6,10 @@ from functools import partial
 import pytest
 import torch
 
-from defenses_lib.attacks import pgd
+from defenses_lib.attacks import EOT, pgd
 from defenses_lib.data import balanced_subset, load_dataset
 from defenses_lib.defenses.ensembles import train_ensembles
+from defenses_lib.defenses.purification import train_purification
 from defenses_lib.evaluation import autoattack, evaluate
 from defenses_lib.models import build_model
 from defenses_lib.profiles import PROFILES, get_profile
@@ -63,3 +64,15 @@ def test_ensembles_paper_profile_runs_a_few_steps(data_root, tmp_path, monkeypat
         assert len(ens.members) == P.members and ens(x).shape == (10, 10)
     res = evaluate(ensembles["DLC"], x, y, {"PGD": partial(pgd, eps=P.eval_eps[-1], alpha=P.eval_alpha, steps=3)})
     assert res.n == 10
+
+
+def test_purification_paper_profile_runs_a_few_steps(data_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("DEFENSES_RUNS", str(tmp_path))
+    P = get_profile("purification", "paper")
+    P.update(n_train=20, batch_size=10, epochs_classifier=1, epochs_pretrain=1, epochs_finetune=1)
+    data = balanced_subset(load_dataset(P.dataset, "train", data_root), P.n_train)
+    models = train_purification(P, data)
+    x, y = balanced_subset(load_dataset(P.dataset, "test", data_root), 10, seed=1).tensors()
+    defended = EOT(models["AToP"], draws=2)
+    res = evaluate(defended, x[:4], y[:4], {"PGD+EOT": partial(pgd, eps=P.eval_eps[-1], steps=2)})
+    assert res.n == 4 and defended(x[:4]).shape == (4, 10)
