@@ -6,7 +6,6 @@ widgets respond without a running kernel: in Jupyter, in Colab and in the built 
 
 from __future__ import annotations
 
-import copy
 import itertools
 
 import ipywidgets as W
@@ -91,8 +90,7 @@ def purification_explorer(model, x: torch.Tensor, y: torch.Tensor, missing_rates
     for rate in missing_rates:
         row = []
         for sigma in sigmas:
-            t = copy.copy(model.transform)
-            t.missing_rate, t.sigma, t.fixed_seed = float(rate), float(sigma), seed
+            t = model.transform.replace(missing_rate=float(rate), sigma=float(sigma), fixed_seed=seed)
             variant = PurifiedClassifier(model.classifier, model.purifier, t)
             with torch.no_grad():
                 noisy, masks = t.sample(x)

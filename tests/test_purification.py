@@ -63,6 +63,8 @@ def test_bad_transform_arguments():
         RandomTransform(missing_rate=1.5)
     with pytest.raises(ValueError, match="multiples of block"):
         RandomTransform(block=3).sample(_x(size=8))
+    with pytest.raises(ValueError, match="no setting 'sigmaa'"):
+        RandomTransform().replace(sigmaa=0.5)
     with pytest.raises(ValueError, match="victim must be one of"):
         AToPLoss(0.1, victim="purifier")
 

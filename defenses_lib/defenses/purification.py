@@ -51,6 +51,15 @@ class RandomTransform(nn.Module):
         return (f"kind={self.kind!r}, block={self.block}, missing_rate={self.missing_rate}, sigma={self.sigma}, "
                 f"n_masks={self.n_masks}, shared_mask={self.shared_mask}, fixed_seed={self.fixed_seed}")
 
+    def replace(self, **changes) -> "RandomTransform":
+        """A copy with some settings changed (e.g. ``fixed_seed``, ``sigma``); this transform is left as it is."""
+        new = copy.copy(self)
+        for key, value in changes.items():
+            if not hasattr(self, key):
+                raise ValueError(f"RandomTransform has no setting {key!r}")
+            setattr(new, key, value)
+        return new
+
     def _generator(self) -> torch.Generator | None:
         """The generator of this call: a freshly seeded one when the randomness is fixed."""
         return torch.Generator().manual_seed(self.fixed_seed) if self.fixed_seed is not None else self.generator
@@ -147,9 +156,7 @@ class PurifiedClassifier(nn.Module):
 
     def with_fixed_randomness(self, seed: int = 0) -> "PurifiedClassifier":
         """The same defense (shared weights) whose transform draws the same noise and masks at every call."""
-        transform = copy.copy(self.transform)
-        transform.fixed_seed = seed
-        return PurifiedClassifier(self.classifier, self.purifier, transform)
+        return PurifiedClassifier(self.classifier, self.purifier, self.transform.replace(fixed_seed=seed))
 
 
 class PurifierPretrainLoss(nn.Module):
