@@ -3,7 +3,8 @@
 Conventions (those of torchattacks and RobustBench): images in [0, 1], ``eps`` in that scale, the
 model returns logits (or log-probabilities) and owns its normalisation. Every attack switches the
 model to eval mode and restores the mode it found; it never leaves the eps ball or [0, 1]; one
-PGD step costs exactly one forward and one backward pass.
+PGD step costs exactly one forward and one backward pass (plus one forward per restart when
+``early_stop=False`` and ``restarts > 1``).
 """
 
 from __future__ import annotations
@@ -120,26 +121,35 @@ def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, loss: s
     return pgd(model, x, y, eps, alpha=eps, steps=1, norm="linf", random_start=False, loss=loss)
 
 
+def is_declared_random(model: nn.Module) -> bool:
+    """Whether the model declares itself randomized (``randomized = True``), as EOT and randomized defenses do."""
+    return bool(getattr(model, "randomized", False))
+
+
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float | None = None,
         steps: int = 40, norm: str = "linf", random_start: bool = True, restarts: int = 1,
-        loss: str = "ce", targeted: bool = False, early_stop: bool = True,
+        loss: str = "ce", targeted: bool = False, early_stop: bool | None = None,
         generator: torch.Generator | None = None) -> torch.Tensor:
     """Projected gradient descent (Madry et al.) with random start and restarts.
 
-    Each step evaluates the current iterate (one forward), keeps it and stops on that example if it
-    already fools the model, and moves the others along the gradient (one backward). A restart
-    attacks only the examples no earlier restart fooled. ``early_stop=False`` runs every step on
-    every example and returns the last iterate (Madry et al.'s training attack; one restart only).
+    With ``early_stop`` each step evaluates the current iterate (one forward), keeps it and stops on
+    that example if it already fools the model, and moves the others along the gradient (one
+    backward); a restart attacks only the examples no earlier restart fooled. ``early_stop=False``
+    runs every step on every example and keeps each example's last iterate; with restarts, the
+    restart whose last iterate has the highest loss. ``early_stop`` defaults to True, and to False
+    for a model that declares ``randomized = True`` (``EOT``, randomized defenses): there one noisy
+    evaluation cannot tell that an example is fooled, and stopping on a lucky draw would hand the
+    defense back every example that a fresh draw classifies correctly.
     With ``targeted=True``, ``y`` holds the target classes. ``alpha`` defaults to 2.5 * eps / steps.
     """
     check_inputs(x, y, eps, norm)
     if steps < 1 or restarts < 1:
         raise ValueError(f"steps and restarts must be >= 1, got steps={steps}, restarts={restarts}")
-    if restarts > 1 and not early_stop:
-        raise ValueError("restarts > 1 needs early_stop=True (a restart attacks the examples not yet fooled)")
+    early_stop = not is_declared_random(model) if early_stop is None else early_stop
     alpha = 2.5 * eps / steps if alpha is None else alpha
     x, y = x.detach(), y.detach()
     best = x.clone()
+    best_loss = torch.full((len(x),), -torch.inf, device=x.device)
     todo = torch.ones(len(x), dtype=torch.bool, device=x.device)
     with attack_mode(model):
         for _ in range(restarts):
@@ -159,7 +169,13 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: f
                 idx, xs, ys, x_adv = idx[~hit], xs[~hit], ys[~hit], x_adv[~hit]
                 if len(idx) == 0:
                     break
-            best[idx] = x_adv
+            if early_stop or restarts == 1:
+                best[idx] = x_adv
+            elif len(idx):
+                with torch.no_grad():
+                    final = attack_loss(model(x_adv), ys, loss, targeted)
+                better = final > best_loss[idx]
+                best[idx[better]], best_loss[idx[better]] = x_adv[better], final[better]
     return best.detach()
 
 
@@ -175,6 +191,7 @@ class EOT(nn.Module):
         if draws < 1:
             raise ValueError(f"draws must be >= 1, got {draws}")
         self.model, self.draws = model, draws
+        self.randomized = True
 
     def forward(self, x):
         n = x.shape[0]

@@ -2,8 +2,10 @@
 
 from functools import partial
 
+import pytest
 import torch
 
+from defenses_lib import evaluation
 from defenses_lib.attacks import fgsm, pgd
 from defenses_lib.evaluation import autoattack, curve, eps_sweep, evaluate, is_randomized, sanity_checks
 
@@ -69,3 +71,46 @@ def test_autoattack_rand_version_on_a_randomized_model(tiny_model):
     x_adv = autoattack(Noisy(tiny_model), x, y, 0.05, version="rand")
     assert x_adv.shape == x.shape and (x_adv - x).abs().max() <= 0.05 + 1e-5
     assert x_adv.min() >= 0 and x_adv.max() <= 1
+
+
+def test_attacks_target_the_attack_model_and_accuracy_is_the_models(mnist_small):
+    model, x, y = mnist_small
+    seen = []
+
+    def attack(m, xb, yb):
+        seen.append(m)
+        return fgsm(m, xb, yb, 0.3)
+
+    blind = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))  # a model the attack learns nothing from
+    result = evaluate(model, x, y, {"fgsm": attack}, attack_model=blind)
+    assert seen and all(m is blind for m in seen)
+    assert result.accuracy()["fgsm"] > evaluate(model, x, y, {"fgsm": attack}).accuracy()["fgsm"] + 0.2
+
+
+def test_sanity_checks_attack_a_randomized_model_without_early_stopping(mnist_small, monkeypatch):
+    model, x, y = mnist_small
+    calls = []
+
+    def spy(m, *args, **kwargs):
+        calls.append((m, kwargs["early_stop"]))
+        return pgd(m, *args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "pgd", spy)
+    noisy = Noisy(model)
+    report = sanity_checks(noisy, x[:20], y[:20], 0.1, steps=3, n_queries=10, fixed_model=model)
+    assert "two runs" in report.checks[0].detail and "run-to-run noise" in report.checks[2].detail
+    assert {stop for m, stop in calls if m is noisy} == {False}  # one noisy evaluation cannot stop an attack
+    assert {stop for m, stop in calls if m is model} == {True}  # the fixed twin is deterministic
+
+
+def test_repeated_scoring_estimates_the_probability_of_being_right(mnist_small):
+    model, x, y = mnist_small
+    noisy = Noisy(model)
+    torch.manual_seed(0)
+    res = evaluate(noisy, x[:50], y[:50], {"fgsm": partial(fgsm, eps=0.1)}, repeats=8)
+    p = res.correct["clean"]
+    assert p.dtype == torch.float32 and ((p * 8) == (p * 8).round()).all() and 0 <= p.min() and p.max() <= 1
+    assert ((p > 0) & (p < 1)).any()  # some examples are right on some draws only
+    assert torch.equal(res.worst_case, torch.minimum(p, res.correct["fgsm"]))
+    with pytest.raises(ValueError, match="repeats"):
+        evaluate(model, x, y, {}, repeats=0)

@@ -74,5 +74,6 @@ def test_purification_paper_profile_runs_a_few_steps(data_root, tmp_path, monkey
     models = train_purification(P, data)
     x, y = balanced_subset(load_dataset(P.dataset, "test", data_root), 10, seed=1).tensors()
     defended = EOT(models["AToP"], draws=2)
-    res = evaluate(defended, x[:4], y[:4], {"PGD+EOT": partial(pgd, eps=P.eval_eps[-1], steps=2)})
+    res = evaluate(defended, x[:4], y[:4], {"PGD+EOT": partial(pgd, eps=P.eval_eps[-1], steps=2)},
+                   attack_model=EOT(models["AToP"], draws=1))
     assert res.n == 4 and defended(x[:4]).shape == (4, 10)

@@ -54,6 +54,9 @@ def test_fixed_randomness_is_deterministic_and_shares_weights():
     x = _x()
     assert torch.equal(fixed(x), fixed(x)) and not torch.equal(model(x), model(x))
     assert fixed.purifier is model.purifier and model.transform.fixed_seed is None
+    assert model.randomized and not fixed.randomized  # so attacks skip early stopping on the first only
+    plain = PurifiedClassifier(_classifier(), InpaintingUNet(1, width=4), RandomTransform("rt1", block=2, missing_rate=0))
+    assert not plain.randomized and torch.equal(plain(x), plain(x))
 
 
 def test_bad_transform_arguments():

@@ -138,6 +138,12 @@ class PurifiedClassifier(nn.Module):
         self.classifier.requires_grad_(False)
         self.classifier.eval()
 
+    @property
+    def randomized(self) -> bool:
+        """Whether two calls can differ: noise or masks, not fixed by a seed (attacks then skip early stopping)."""
+        t = self.transform
+        return t.fixed_seed is None and ((t.kind != "rt1" and t.sigma > 0) or t.missing_rate > 0 or t.kind == "rt3")
+
     def purify(self, x: torch.Tensor) -> torch.Tensor:
         """purifier(transform(x)), differentiable in x and in the purifier's weights."""
         noisy, masks = self.transform.sample(x)
