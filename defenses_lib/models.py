@@ -44,6 +44,22 @@ class MnistCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
+class TinyCNN(nn.Module):
+    """Two stride-2 3x3 convolutions and two linear layers (about 0.4 M multiply-adds on MNIST, 20x fewer
+    than ``MnistCNN``): for experiments that need 10^5 to 10^6 forward passes, such as certification."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 16):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(7),
+        )
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(2 * width * 49, 64), nn.ReLU(), nn.Linear(64, num_classes))
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
 class SmallCifarCNN(nn.Module):
     """A small VGG-style CIFAR network that trains on a CPU in minutes."""
 
@@ -99,6 +115,7 @@ class ResNet(nn.Module):
 
 ARCHITECTURES = {
     "mnist_cnn": lambda c, k: MnistCNN(k),
+    "tiny_cnn": lambda c, k: TinyCNN(c, k),
     "small_cnn": lambda c, k: SmallCifarCNN(k),
     "resnet18": lambda c, k: ResNet(in_channels=c, num_classes=k),
     "resnet20": lambda c, k: ResNet((3, 3, 3), (16, 32, 64), in_channels=c, num_classes=k),

@@ -88,6 +88,24 @@ PROFILES: dict[str, dict[str, dict]] = {
             explorer_sigmas=(0.0, 0.25, 0.5), seed=0,
         ),
     },
+    "smoothing": {
+        "quick": dict(
+            dataset="mnist", arch="tiny_cnn", n_train=12_000, n_test=100, batch_size=128, lr=2e-3, epochs=3,
+            sigmas=(0.12, 0.25, 0.5), sigma_t_range=(0.12, 0.5), selector_width=16, sigma_min=0.1, sigma_max=0.6,
+            levels=(0.12, 0.25, 0.5), sigma_h=0.25, train_draws=4, beta=1.0, tau=0.1, median_draws=32,
+            smooth_draws=16, n0=100, n=1_000, alpha=0.001, selector_draws=2_000,
+            radii=(0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5), l2_eps=(1.0, 2.0), linf_eps=(0.1,), eval_steps=40,
+            attack_draws=4, attack_median_draws=8, score_repeats=4, aa_n=30, sanity_n=40, square_queries=200, seed=0,
+        ),
+        "paper": dict(
+            dataset="cifar10", arch="resnet18", n_train=50_000, n_test=500, batch_size=128, lr=1e-3, epochs=90,
+            sigmas=(0.12, 0.25, 0.5, 1.0), sigma_t_range=(0.12, 1.0), selector_width=32, sigma_min=0.1, sigma_max=1.2,
+            levels=(0.12, 0.25, 0.5, 1.0), sigma_h=0.25, train_draws=8, beta=1.0, tau=0.1, median_draws=100,
+            smooth_draws=32, n0=100, n=100_000, alpha=0.001, selector_draws=10_000,
+            radii=(0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5), l2_eps=(0.25, 0.5), linf_eps=(2 / 255, 8 / 255), eval_steps=100,
+            attack_draws=20, attack_median_draws=32, score_repeats=4, aa_n=500, sanity_n=200, square_queries=5_000, seed=0,
+        ),
+    },
 }
 
 

@@ -101,3 +101,26 @@ def purification_explorer(model, x: torch.Tensor, y: torch.Tensor, missing_rates
                                               {"purified": notes}, f"missing rate {rate:g}, sigma {sigma:g}")))
         views.append(row)
     return linked_views(views, [f"missing rate {r:g}" for r in missing_rates], [f"{s:g}" for s in sigmas], "sigma")
+
+
+def smoothing_explorer(variational: dict, fixed: dict, y: torch.Tensor, radii) -> W.VBox:
+    """Move sigma_t: the variational model's certified accuracy against the radius beside the fixed-sigma
+    curves, and how often it chose each noise level.
+
+    ``variational`` maps sigma_t to its ``Certificate``; ``fixed`` maps names to the fixed-sigma ones.
+    """
+    import matplotlib.pyplot as plt
+
+    from .plots import plot_eps_curves
+
+    curves = {name: cert.certified_accuracy(y, radii) for name, cert in fixed.items()}
+    views = []
+    for t, cert in variational.items():
+        fig, ax = plt.subplots(1, 2, figsize=(10, 3.4), gridspec_kw={"width_ratios": [2, 1]})
+        plot_eps_curves({**curves, f"variational, sigma_t = {t:g}": cert.certified_accuracy(y, radii)},
+                        title="certified accuracy", xlabel=r"$\ell_2$ radius", chance=None, ax=ax[0])
+        levels, counts = cert.sigma.unique(return_counts=True)
+        ax[1].bar([f"{v:g}" for v in levels.tolist()], counts.tolist())
+        ax[1].set(xlabel="noise level used", ylabel="test images", title=f"sigma_t = {t:g}")
+        views.append(figure_png(fig))
+    return linked_views([views], ["variational"], [f"{t:g}" for t in variational], "sigma_t")

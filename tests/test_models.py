@@ -8,6 +8,8 @@ from defenses_lib.models import STATS, build_model
 
 @pytest.mark.parametrize("arch,dataset,shape,k", [
     ("mnist_cnn", "mnist", (2, 1, 28, 28), 10),
+    ("tiny_cnn", "mnist", (2, 1, 28, 28), 10),
+    ("tiny_cnn", "cifar10", (2, 3, 32, 32), 10),
     ("small_cnn", "cifar10", (2, 3, 32, 32), 10),
     ("resnet18", "cifar100", (2, 3, 32, 32), 100),
     ("resnet20", "cifar10", (2, 3, 32, 32), 10),

@@ -10,6 +10,7 @@ from defenses_lib.attacks import EOT, pgd
 from defenses_lib.data import balanced_subset, load_dataset
 from defenses_lib.defenses.ensembles import train_ensembles
 from defenses_lib.defenses.purification import train_purification
+from defenses_lib.defenses.smoothing import certify, certify_variational, train_smoothing
 from defenses_lib.evaluation import autoattack, evaluate
 from defenses_lib.models import build_model
 from defenses_lib.profiles import PROFILES, get_profile
@@ -52,11 +53,17 @@ def test_foundations_paper_profile_runs_a_few_steps(data_root):
     assert x_aa.shape == (2, 1, 28, 28)
 
 
-def test_ensembles_paper_profile_runs_a_few_steps(data_root, tmp_path, monkeypatch):
+def _paper_profile(chapter, data_root, tmp_path, monkeypatch, **overrides):
+    """The chapter's paper profile shrunk by ``overrides``, its training data, and a private runs folder."""
     monkeypatch.setenv("DEFENSES_RUNS", str(tmp_path))
-    P = get_profile("ensembles", "paper")
-    P.update(n_train=20, batch_size=10, epochs_pretrain=1, epochs_finetune=1)  # two steps per loss
-    data = balanced_subset(load_dataset(P.dataset, "train", data_root), P.n_train)
+    P = get_profile(chapter, "paper")
+    P.update(overrides)
+    return P, balanced_subset(load_dataset(P.dataset, "train", data_root), P.n_train)
+
+
+def test_ensembles_paper_profile_runs_a_few_steps(data_root, tmp_path, monkeypatch):
+    P, data = _paper_profile("ensembles", data_root, tmp_path, monkeypatch,  # two steps per loss
+                             n_train=20, batch_size=10, epochs_pretrain=1, epochs_finetune=1)
     ensembles = train_ensembles(P, data)
     assert list(ensembles) == ["pre-trained", "independent", "GAL", "DLC"]
     x, y = balanced_subset(load_dataset(P.dataset, "test", data_root), 10, seed=1).tensors()
@@ -67,13 +74,26 @@ def test_ensembles_paper_profile_runs_a_few_steps(data_root, tmp_path, monkeypat
 
 
 def test_purification_paper_profile_runs_a_few_steps(data_root, tmp_path, monkeypatch):
-    monkeypatch.setenv("DEFENSES_RUNS", str(tmp_path))
-    P = get_profile("purification", "paper")
-    P.update(n_train=20, batch_size=10, epochs_classifier=1, epochs_pretrain=1, epochs_finetune=1)
-    data = balanced_subset(load_dataset(P.dataset, "train", data_root), P.n_train)
+    P, data = _paper_profile("purification", data_root, tmp_path, monkeypatch,
+                             n_train=20, batch_size=10, epochs_classifier=1, epochs_pretrain=1, epochs_finetune=1)
     models = train_purification(P, data)
     x, y = balanced_subset(load_dataset(P.dataset, "test", data_root), 10, seed=1).tensors()
     defended = EOT(models["AToP"], draws=2)
     res = evaluate(defended, x[:4], y[:4], {"PGD+EOT": partial(pgd, eps=P.eval_eps[-1], steps=2)},
                    attack_model=EOT(models["AToP"], draws=1))
     assert res.n == 4 and defended(x[:4]).shape == (4, 10)
+
+
+def test_smoothing_paper_profile_runs_a_few_steps(data_root, tmp_path, monkeypatch):
+    P, data = _paper_profile("smoothing", data_root, tmp_path, monkeypatch,  # one step per model
+                             n_train=10, batch_size=10, epochs=1, train_draws=2)
+    models = train_smoothing(P, data)
+    assert list(models) == [f"sigma={s:g}" for s in P.sigmas] + ["variational"]
+    x, y = balanced_subset(load_dataset(P.dataset, "test", data_root), 10, seed=1).tensors()
+    variational = models["variational"]
+    variational.draws, variational.median_draws = 2, 5
+    res = evaluate(variational, x[:2], y[:2], {"PGD+EOT": partial(pgd, eps=P.l2_eps[-1], steps=2, norm="l2")})
+    assert res.n == 2
+    cert = certify_variational(variational, x[:1], P.radii, n0=10, n=20, num_classes=10, selector_draws=50)
+    assert cert.radius.shape == (1,)
+    assert certify(models["sigma=0.25"], x[:1], 0.25, n0=10, n=20).radius.shape == (1,)
