@@ -179,6 +179,11 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: f
     return best.detach()
 
 
+def log_mean_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """log of the softmax averaged over the first dimension of (K, N, C) logits: K draws or members, N inputs."""
+    return logits.softmax(-1).mean(0).clamp_min(1e-12).log()
+
+
 class EOT(nn.Module):
     """Expectation over transformation: log of the softmax averaged over ``draws`` runs of a random model.
 
@@ -195,8 +200,7 @@ class EOT(nn.Module):
 
     def forward(self, x):
         n = x.shape[0]
-        probs = self.model(x.repeat(self.draws, *([1] * (x.dim() - 1)))).softmax(1)
-        return probs.view(self.draws, n, -1).mean(0).clamp_min(1e-12).log()
+        return log_mean_softmax(self.model(x.repeat(self.draws, *([1] * (x.dim() - 1)))).view(self.draws, n, -1))
 
 
 class _StraightThrough(torch.autograd.Function):

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from ..attacks import log_mean_softmax
 from ..curvature import direction as unit_direction, hvp_fd, loss_and_gradient
 from ..models import build_model
 from ..runtime import seed_everything
@@ -34,8 +35,7 @@ class Ensemble(nn.Module):
             raise ValueError(f"an ensemble needs at least 2 members, got {len(self.members)}")
 
     def forward(self, x):
-        probs = torch.stack([m(x).softmax(1) for m in self.members]).mean(0)
-        return probs.clamp_min(1e-12).log()
+        return log_mean_softmax(torch.stack([m(x) for m in self.members]))
 
 
 def mean_pairwise_cos(vectors: list[torch.Tensor], absolute: bool = True) -> torch.Tensor:

@@ -26,7 +26,7 @@ from torch import nn
 import torch.nn.functional as F
 from scipy.stats import binom, binomtest, norm
 
-from ..attacks import check_inputs, eval_mode
+from ..attacks import check_inputs, eval_mode, log_mean_softmax
 from ..models import build_model
 from ..runtime import model_device, progress, seed_everything
 from ..training import fit
@@ -50,7 +50,7 @@ def soft_smoothed(base: nn.Module, x: torch.Tensor, sigma, draws: int) -> torch.
     n = len(x)
     sigma = sigma.repeat(draws).view(-1, 1, 1, 1) if torch.is_tensor(sigma) else sigma
     noisy = x.repeat(draws, 1, 1, 1) + sigma * torch.randn((draws * n, *x.shape[1:]), device=x.device)
-    return base(noisy).softmax(1).view(draws, n, -1).mean(0).clamp_min(1e-12).log()
+    return log_mean_softmax(base(noisy).view(draws, n, -1))
 
 
 class GaussianNoiseLoss(nn.Module):
