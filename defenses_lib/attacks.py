@@ -1,8 +1,10 @@
-"""White-box attacks in pixel space: FGSM, PGD (l_inf and l_2), an EOT wrapper and a BPDA helper.
+"""White-box attacks in pixel space: FGSM, PGD (l_inf and l_2), an EOT wrapper and a BPDA helper;
+unprojected signed-gradient ascent and rFGSM^k for binary features.
 
 Conventions (those of torchattacks and RobustBench): images in [0, 1], ``eps`` in that scale, the
 model returns logits (or log-probabilities) and owns its normalisation. Every attack switches the
-model to eval mode and restores the mode it found; it never leaves the eps ball or [0, 1]; one
+model to eval mode and restores the mode it found; it never leaves the eps ball or [0, 1] (except
+``signed_ascent`` with ``clip=False``, which has no ball by design); one
 PGD step costs exactly one forward and one backward pass (plus one forward per restart when
 ``early_stop=False`` and ``restarts > 1``).
 """
@@ -177,6 +179,54 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: f
                 better = final > best_loss[idx]
                 best[idx[better]], best_loss[idx[better]] = x_adv[better], final[better]
     return best.detach()
+
+
+def signed_ascent(objective, x: torch.Tensor, steps: int, step_size: float, clip: bool = False,
+                  model: nn.Module | None = None) -> torch.Tensor:
+    """``steps`` signed-gradient ascent steps on a per-example ``objective(x')``, started at x, with no eps ball.
+
+    With ``clip`` the iterate is clipped to [0, 1] after every step. ``model`` (whose ``objective``
+    is evaluated) is put in eval mode for the ascent and restored afterwards.
+    """
+    if steps < 0 or not (math.isfinite(step_size) and step_size >= 0):
+        raise ValueError(f"steps must be >= 0 and step_size a finite number >= 0, got steps={steps}, step_size={step_size}")
+    x_adv = x.detach().clone()
+    with attack_mode(model) if model is not None else torch.enable_grad():
+        for _ in range(steps):
+            x_adv.requires_grad_(True)
+            grad, = torch.autograd.grad(objective(x_adv).sum(), x_adv)
+            x_adv = x_adv.detach() + step_size * grad.sign()
+            x_adv = x_adv.clamp(0, 1) if clip else x_adv
+    return x_adv.detach()
+
+
+def check_binary(x: torch.Tensor, name: str = "x") -> None:
+    """Raise a ValueError unless every entry of x is 0 or 1."""
+    if not bool(((x == 0) | (x == 1)).all()):
+        raise ValueError(f"{name} must be binary (every entry 0 or 1), got values in [{x.min().item():g}, {x.max().item():g}]")
+
+
+def rfgsm_k(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int = 50, step_size: float = 0.02,
+            objective=None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """rFGSM^k on binary features (Al-Dujaili et al., SLEIPNIR): the attacker may only switch features on.
+
+    ``steps`` signed steps clipped to [0, 1], then randomized rounding (coordinate i becomes 1 with
+    probability x'_i), then OR with the original x; an example whose objective did not increase
+    keeps x. ``objective(x')`` defaults to the per-example cross-entropy of ``model``.
+    """
+    check_inputs(x, y)
+    check_binary(x)
+    if objective is None:
+        def objective(z):
+            return F.cross_entropy(model(z), y, reduction="none")
+    x = x.detach()
+    x_cont = signed_ascent(objective, x, steps, step_size, clip=True, model=model)
+    u = torch.rand(x.shape, generator=generator, device=x.device)
+    x_adv = torch.maximum((x_cont > u).to(x.dtype), x)
+    with torch.no_grad(), eval_mode(model):
+        worse = objective(x_adv) < objective(x)
+    x_adv[worse] = x[worse]
+    return x_adv
 
 
 def log_mean_softmax(logits: torch.Tensor) -> torch.Tensor:

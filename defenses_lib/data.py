@@ -252,7 +252,13 @@ def _imagenette(base: Path, split: str, download: bool, size: int) -> FolderData
 
 
 def balanced_subset(dataset, n: int, seed: int = 0):
-    """A deterministic class-balanced subset of ``n`` examples (n divisible by the class count)."""
+    """A deterministic class-balanced subset of ``n`` examples (n divisible by the class count).
+
+    ``n`` equal to the data set's size returns the whole data set (the classes of MNIST's 60,000
+    training images, for instance, are not exactly balanced).
+    """
+    if n == len(dataset):
+        return dataset
     targets = dataset.targets
     classes = torch.unique(targets)
     if n <= 0 or n % len(classes):

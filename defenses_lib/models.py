@@ -60,6 +60,21 @@ class TinyCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
+class MLP(nn.Module):
+    """A fully connected network on flattened inputs (SLEIPNIR's malware detector: three hidden layers of 300)."""
+
+    def __init__(self, in_features: int, num_classes: int = 10, hidden=(300, 300, 300)):
+        super().__init__()
+        layers, width = [nn.Flatten()], in_features
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            width = h
+        self.net = nn.Sequential(*layers, nn.Linear(width, num_classes))
+
+    def forward(self, x):
+        return self.net(x)
+
+
 class SmallCifarCNN(nn.Module):
     """A small VGG-style CIFAR network that trains on a CPU in minutes."""
 
@@ -113,12 +128,16 @@ class ResNet(nn.Module):
         return self.head(self.layers(self.stem(x)))
 
 
+# Image side length of each data set as the loaders return it.
+SIZES = {"mnist": 28, "cifar10": 32, "cifar100": 32, "imagenette": 224}
+
 ARCHITECTURES = {
-    "mnist_cnn": lambda c, k: MnistCNN(k),
-    "tiny_cnn": lambda c, k: TinyCNN(c, k),
-    "small_cnn": lambda c, k: SmallCifarCNN(k),
-    "resnet18": lambda c, k: ResNet(in_channels=c, num_classes=k),
-    "resnet20": lambda c, k: ResNet((3, 3, 3), (16, 32, 64), in_channels=c, num_classes=k),
+    "mnist_cnn": lambda c, k, size: MnistCNN(k),
+    "tiny_cnn": lambda c, k, size: TinyCNN(c, k),
+    "mlp": lambda c, k, size: MLP(c * size * size, k),
+    "small_cnn": lambda c, k, size: SmallCifarCNN(k),
+    "resnet18": lambda c, k, size: ResNet(in_channels=c, num_classes=k),
+    "resnet20": lambda c, k, size: ResNet((3, 3, 3), (16, 32, 64), in_channels=c, num_classes=k),
 }
 
 
@@ -130,4 +149,4 @@ def build_model(arch: str, dataset: str, num_classes: int | None = None) -> nn.S
         raise ValueError(f"dataset must be one of {sorted(STATS)}, got {dataset!r}")
     mean, std = STATS[dataset]
     k = num_classes or (100 if dataset == "cifar100" else 10)
-    return nn.Sequential(Normalize(mean, std), ARCHITECTURES[arch](len(mean), k))
+    return nn.Sequential(Normalize(mean, std), ARCHITECTURES[arch](len(mean), k, SIZES[dataset]))

@@ -106,6 +106,45 @@ PROFILES: dict[str, dict[str, dict]] = {
             attack_draws=20, attack_median_draws=32, score_repeats=4, aa_n=500, sanity_n=200, square_queries=5_000, seed=0,
         ),
     },
+    "armor": {
+        "quick": dict(
+            dataset="mnist", arch="mnist_cnn", n_train=4_000, n_test=200, batch_size=100, lr=0.1, epochs=2, milestones=(),
+            models=("natural", "FGSM-AT", "PGD-AT", "ARMOR_D KL", "ARMOR_D alpha"), train_eps=0.1, pgd_steps=5,
+            pgd_alpha=0.04, armor_clip=False, armor_positivity="softplus",
+            armor={
+                "ARMOR_D KL": dict(divergence="kl", eps=3e-3, L=0.01, p=2, q=1.0, t=0.5, lr=2e-3, beta=1.0,
+                                   steps=5, step_size=0.04),
+                "ARMOR_D alpha": dict(divergence="alpha", alpha=3.0, eps=0.07, L=0.2, p=float("inf"), q=1.5, t=0.5,
+                                      lr=1.6e-3, beta=1.0, steps=5, step_size=0.04),
+            },
+            eval_eps=(0.1, 0.3), eval_steps=40, eval_alpha=0.01, curve_eps=(0.0, 0.05, 0.1, 0.15, 0.2, 0.3),
+            aa_models=("PGD-AT", "ARMOR_D KL"), aa_n=100, aa_version="custom", aa_attacks=("apgd-ce", "apgd-t"),
+            aa_targets=2, sanity_model="ARMOR_D KL", sanity_n=100, square_queries=300, weights_n=500,
+            binary=dict(arch="mlp", threshold=0.5, n_train=6_000, n_test=500, epochs=3, train_steps=10,
+                        train_step_size=0.1, attack_steps=50, attack_step_size=0.02, attack_draws=5,
+                        armor=dict(divergence="kl", eps=3e-3, L=0.01, p=2, q=1.0, t=0.5, lr=2e-3, beta=1.0)),
+            seed=0,
+        ),
+        "paper": dict(
+            dataset="mnist", arch="mnist_cnn", n_train=60_000, n_test=10_000, batch_size=100, lr=0.1, epochs=10,
+            milestones=(5,), models=("natural", "FGSM-AT", "PGD-AT", "ARMOR_D KL", "ARMOR_D alpha"), train_eps=0.1,
+            pgd_steps=20, pgd_alpha=0.01, armor_clip=False, armor_positivity="softplus",
+            armor={
+                "ARMOR_D KL": dict(divergence="kl", eps=3e-3, L=0.01, p=2, q=1.0, t=0.5, lr=2e-3, beta=1.0,
+                                   steps=20, step_size=0.01),
+                "ARMOR_D alpha": dict(divergence="alpha", alpha=3.0, eps=0.07, L=0.2, p=float("inf"), q=1.5, t=0.5,
+                                      lr=1.6e-3, beta=1.0, steps=40, step_size=0.01),
+            },
+            eval_eps=(0.1, 0.3), eval_steps=40, eval_alpha=0.01,
+            curve_eps=(0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4),
+            aa_models=("PGD-AT", "ARMOR_D KL", "ARMOR_D alpha"), aa_n=1_000, aa_version="standard", aa_attacks=None,
+            aa_targets=None, sanity_model="ARMOR_D KL", sanity_n=1_000, square_queries=5_000, weights_n=5_000,
+            binary=dict(arch="mlp", threshold=0.5, n_train=60_000, n_test=10_000, epochs=10, train_steps=50,
+                        train_step_size=0.02, attack_steps=50, attack_step_size=0.02, attack_draws=10,
+                        armor=dict(divergence="kl", eps=3e-3, L=0.01, p=2, q=1.0, t=0.5, lr=2e-3, beta=1.0)),
+            seed=0,
+        ),
+    },
 }
 
 

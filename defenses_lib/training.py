@@ -1,8 +1,8 @@
 """One training loop for every chapter, with pluggable losses, seeds, progress and resumable checkpoints.
 
 A loss is any callable ``loss_fn(model, x, y) -> scalar``. If it is an ``nn.Module`` with parameters
-of its own (a learned dual variable, say), the loop optimises them with the model's and saves them
-in the checkpoint.
+of its own (a learned dual variable, say), the loop optimises them too and saves them in the
+checkpoint: with the model's optimizer, or with Adam at ``loss_lr`` when that is given.
 """
 
 from __future__ import annotations
@@ -33,18 +33,24 @@ class CrossEntropy(nn.Module):
 
 
 class PGDAdversarialLoss(nn.Module):
-    """Madry et al.'s adversarial training: cross-entropy on PGD examples made against the current model."""
+    """Madry et al.'s adversarial training: cross-entropy on PGD examples made against the current model.
 
-    def __init__(self, eps: float, steps: int = 7, alpha: float | None = None, norm: str = "linf"):
+    ``steps=1, alpha=eps, random_start=False`` is FGSM adversarial training (Goodfellow et al.).
+    """
+
+    def __init__(self, eps: float, steps: int = 7, alpha: float | None = None, norm: str = "linf",
+                 random_start: bool = True):
         super().__init__()
         check_inputs(torch.zeros(1, 1, 1, 1), eps=eps, norm=norm)
-        self.eps, self.steps, self.alpha, self.norm = eps, steps, alpha, norm
+        self.eps, self.steps, self.alpha, self.norm, self.random_start = eps, steps, alpha, norm, random_start
 
     def extra_repr(self) -> str:
-        return f"eps={self.eps}, steps={self.steps}, alpha={self.alpha}, norm={self.norm!r}"
+        start = "" if self.random_start else ", random_start=False"
+        return f"eps={self.eps}, steps={self.steps}, alpha={self.alpha}, norm={self.norm!r}{start}"
 
     def forward(self, model, x, y):
-        x_adv = pgd(model, x, y, self.eps, self.alpha, self.steps, self.norm, random_start=True, early_stop=False)
+        x_adv = pgd(model, x, y, self.eps, self.alpha, self.steps, self.norm, random_start=self.random_start,
+                    early_stop=False)
         return F.cross_entropy(model(x_adv), y)
 
 
@@ -127,14 +133,16 @@ def _epoch_loader(dataset, batch_size: int, seed: int, epoch: int) -> DataLoader
 
 def train(model: nn.Module, dataset, loss_fn, *, epochs: int, batch_size: int = 128, optimizer: str = "adam",
           lr: float = 1e-3, weight_decay: float = 0.0, momentum: float = 0.9, milestones=(), gamma: float = 0.1,
-          seed: int = 0, checkpoint: str | os.PathLike | None = None, device=None, desc: str = "train",
-          show_progress: bool = True) -> list[dict]:
+          loss_lr: float | None = None, seed: int = 0, checkpoint: str | os.PathLike | None = None, device=None,
+          desc: str = "train", show_progress: bool = True) -> list[dict]:
     """Train ``model`` on ``dataset`` with ``loss_fn`` and return the per-epoch history.
 
     With ``checkpoint``, the state is saved atomically after every epoch; a run started again with
     the same arguments resumes where it stopped and ends with the same weights as an uninterrupted
     run. A finished checkpoint is simply loaded. ``milestones`` are the epochs where lr is multiplied
     by ``gamma``. A loss with a ``set_epoch(epoch)`` method (a schedule) is told each epoch first.
+    The loss's own parameters, if any, get their own Adam optimizer at ``loss_lr`` (no schedule) when
+    ``loss_lr`` is given, else they join the model's optimizer.
     """
     if epochs < 0 or batch_size < 1:
         raise ValueError(f"epochs must be >= 0 and batch_size >= 1, got epochs={epochs}, batch_size={batch_size}")
@@ -142,14 +150,17 @@ def train(model: nn.Module, dataset, loss_fn, *, epochs: int, batch_size: int = 
     model.to(device)
     loss_fn = loss_fn.to(device) if isinstance(loss_fn, nn.Module) else loss_fn
     extra = list(loss_fn.parameters()) if isinstance(loss_fn, nn.Module) else []
-    opt = _optimizer(list(model.parameters()) + extra, optimizer, lr, weight_decay, momentum)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(milestones), gamma)
+    opts = [_optimizer(list(model.parameters()) + (extra if loss_lr is None else []), optimizer, lr, weight_decay, momentum)]
+    if extra and loss_lr is not None:
+        opts.append(_optimizer(extra, "adam", loss_lr, 0.0, momentum))
+    sched = torch.optim.lr_scheduler.MultiStepLR(opts[0], list(milestones), gamma)
     seed_everything(seed)
     start, history = 0, []
     if checkpoint is not None and Path(checkpoint).is_file():
         state = load_checkpoint(checkpoint, device)
         model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+        for o, o_state in zip(opts, state["optimizer"]):
+            o.load_state_dict(o_state)
         sched.load_state_dict(state["scheduler"])
         if isinstance(loss_fn, nn.Module):
             loss_fn.load_state_dict(state["loss"])
@@ -160,11 +171,11 @@ def train(model: nn.Module, dataset, loss_fn, *, epochs: int, batch_size: int = 
     for epoch in range(start, epochs):
         if hasattr(loss_fn, "set_epoch"):  # losses with a schedule (an h or eps ramp) follow the epoch
             loss_fn.set_epoch(epoch)
-        history.append(_run_epoch(model, dataset, loss_fn, opt, batch_size, seed, epoch, device,
+        history.append(_run_epoch(model, dataset, loss_fn, opts, batch_size, seed, epoch, device,
                                   f"{desc} {epoch + 1}/{epochs}", show_progress))
         sched.step()
         if checkpoint is not None:
-            atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            atomic_save({"model": model.state_dict(), "optimizer": [o.state_dict() for o in opts], "scheduler": sched.state_dict(),
                          "loss": loss_fn.state_dict() if isinstance(loss_fn, nn.Module) else {},
                          "rng": torch.get_rng_state(), "epoch": epoch + 1, "history": history,
                          "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
@@ -173,7 +184,7 @@ def train(model: nn.Module, dataset, loss_fn, *, epochs: int, batch_size: int = 
     return history
 
 
-def _run_epoch(model, dataset, loss_fn, opt, batch_size, seed, epoch, device, desc, show_progress) -> dict:
+def _run_epoch(model, dataset, loss_fn, opts, batch_size, seed, epoch, device, desc, show_progress) -> dict:
     """One pass over the data; returns the mean loss, the examples seen and the wall time."""
     model.train()
     total, seen, t0 = 0.0, 0, time.perf_counter()
@@ -181,9 +192,11 @@ def _run_epoch(model, dataset, loss_fn, opt, batch_size, seed, epoch, device, de
     for x, y in bar:
         x, y = x.to(device), y.to(device)
         loss = loss_fn(model, x, y)
-        opt.zero_grad(set_to_none=True)
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        for opt in opts:
+            opt.step()
         total += loss.item() * len(y)
         seen += len(y)
         bar.set_postfix(loss=f"{total / seen:.3f}")
