@@ -108,14 +108,15 @@ PROFILES: dict[str, dict[str, dict]] = {
     },
     "armor": {
         "quick": dict(
-            dataset="mnist", arch="mnist_cnn", n_train=4_000, n_test=200, batch_size=100, lr=0.1, epochs=2, milestones=(),
-            models=("natural", "FGSM-AT", "PGD-AT", "ARMOR_D KL", "ARMOR_D alpha"), train_eps=0.1, pgd_steps=5,
+            dataset="mnist", arch="mnist_cnn", n_train=6_000, n_test=200, batch_size=100, optimizer="adam", lr=1e-3,
+            momentum=0.0, epochs=2, milestones=(),
+            models=("natural", "FGSM-AT", "PGD-AT", "ARMOR_D KL", "ARMOR_D alpha"), train_eps=0.1, pgd_steps=3,
             pgd_alpha=0.04, armor_clip=False, armor_positivity="softplus",
             armor={
                 "ARMOR_D KL": dict(divergence="kl", eps=3e-3, L=0.01, p=2, q=1.0, t=0.5, lr=2e-3, beta=1.0,
-                                   steps=5, step_size=0.04),
+                                   steps=3, step_size=0.0667),
                 "ARMOR_D alpha": dict(divergence="alpha", alpha=3.0, eps=0.07, L=0.2, p=float("inf"), q=1.5, t=0.5,
-                                      lr=1.6e-3, beta=1.0, steps=5, step_size=0.04),
+                                      lr=1.6e-3, beta=1.0, steps=3, step_size=0.0667),
             },
             eval_eps=(0.1, 0.3), eval_steps=40, eval_alpha=0.01, curve_eps=(0.0, 0.05, 0.1, 0.15, 0.2, 0.3),
             aa_models=("PGD-AT", "ARMOR_D KL"), aa_n=100, aa_version="custom", aa_attacks=("apgd-ce", "apgd-t"),
@@ -126,8 +127,8 @@ PROFILES: dict[str, dict[str, dict]] = {
             seed=0,
         ),
         "paper": dict(
-            dataset="mnist", arch="mnist_cnn", n_train=60_000, n_test=10_000, batch_size=100, lr=0.1, epochs=10,
-            milestones=(5,), models=("natural", "FGSM-AT", "PGD-AT", "ARMOR_D KL", "ARMOR_D alpha"), train_eps=0.1,
+            dataset="mnist", arch="mnist_cnn", n_train=60_000, n_test=10_000, batch_size=100, optimizer="sgd", lr=0.1,
+            momentum=0.0, epochs=10, milestones=(5,), models=("natural", "FGSM-AT", "PGD-AT", "ARMOR_D KL", "ARMOR_D alpha"), train_eps=0.1,
             pgd_steps=20, pgd_alpha=0.01, armor_clip=False, armor_positivity="softplus",
             armor={
                 "ARMOR_D KL": dict(divergence="kl", eps=3e-3, L=0.01, p=2, q=1.0, t=0.5, lr=2e-3, beta=1.0,

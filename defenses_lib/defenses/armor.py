@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from ..attacks import rfgsm_k, signed_ascent
 from ..models import build_model
+from ..runtime import seed_everything
 from ..training import CrossEntropy, PGDAdversarialLoss, fit
 
 DIVERGENCES = ("kl", "alpha")
@@ -170,17 +171,18 @@ def armor_loss(v: dict, **options) -> ArmorLoss:
 
 def train_models(P, train_set, losses: dict[str, nn.Module], *, arch: str, epochs: int, device=None,
                  chapter: str = "armor") -> dict[str, nn.Module]:
-    """Train one ``arch`` per loss on the same data, seed and schedule (SGD, the profile's lr and milestones).
+    """Train one ``arch`` per loss on the same data, seed and schedule (the profile's optimizer, lr, momentum, milestones).
 
     An ``ArmorLoss`` trains its lambda (and nu) with Adam at its own ``lr``, as the authors do; the
     trained loss objects keep their dual variables. Returns the models in eval mode on the CPU.
     """
     models = {}
     for name, loss in losses.items():
+        seed_everything(P.seed)  # the same initial weights for every model
         model = build_model(arch, P.dataset)
         recipe = dict(arch=arch, dataset=P.dataset, n_train=len(train_set), seed=P.seed)
         fit(model, train_set, loss, chapter=chapter, name=name, recipe=recipe, epochs=epochs,
-            batch_size=P.batch_size, optimizer="sgd", lr=P.lr, momentum=0.0, milestones=P.milestones,
+            batch_size=P.batch_size, optimizer=P.optimizer, lr=P.lr, momentum=P.momentum, milestones=P.milestones,
             loss_lr=getattr(loss, "lr", None), seed=P.seed, device=device)
         loss.cpu()
         models[name] = model
