@@ -229,6 +229,47 @@ def rfgsm_k(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int = 50,
     return x_adv
 
 
+def best_of(attack, runs: int):
+    """Run a random attack ``runs`` times; keep, per example, the first result that fools the model (else the last)."""
+    if runs < 1:
+        raise ValueError(f"runs must be >= 1, got {runs}")
+
+    def attack_runs(model, x, y):
+        best = attack(model, x, y)
+        for _ in range(runs - 1):
+            with torch.no_grad(), eval_mode(model):
+                todo = model(best).argmax(1) == y
+            if not todo.any():
+                break
+            best[todo] = attack(model, x[todo], y[todo])
+        return best
+
+    return attack_runs
+
+
+def top_k_targeted(attack, k: int):
+    """A targeted attack (called with ``targeted=True``) against each of the k wrong classes the model finds
+    most likely on the clean input, in that order; per example, the first result that fools the model."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+
+    def attack_targets(model, x, y):
+        with torch.no_grad(), eval_mode(model):
+            logits = model(x)
+        order = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), -torch.inf).argsort(1, descending=True)
+        best, todo = x.clone(), torch.ones(len(x), dtype=torch.bool, device=x.device)
+        for t in range(min(k, logits.shape[1] - 1)):
+            idx = todo.nonzero().flatten()
+            if len(idx) == 0:
+                break
+            best[idx] = attack(model, x[idx], order[idx, t], targeted=True)
+            with torch.no_grad(), eval_mode(model):
+                todo[idx[model(best[idx]).argmax(1) != y[idx]]] = False
+        return best
+
+    return attack_targets
+
+
 def log_mean_softmax(logits: torch.Tensor) -> torch.Tensor:
     """log of the softmax averaged over the first dimension of (K, N, C) logits: K draws or members, N inputs."""
     return logits.softmax(-1).mean(0).clamp_min(1e-12).log()

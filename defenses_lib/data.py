@@ -53,6 +53,12 @@ class ImageDataset(Dataset):
         idx = torch.as_tensor(indices, dtype=torch.long)
         return ImageDataset(self.images[idx], self.targets[idx], self.classes)
 
+    def binarized(self, threshold: float = 0.5) -> "ImageDataset":
+        """The data set with every pixel 1 where it exceeds ``threshold`` and 0 elsewhere: binary feature vectors."""
+        if not 0 <= threshold < 1:
+            raise ValueError(f"threshold must be in [0, 1), got {threshold}")
+        return ImageDataset((self.images.float() > threshold * 255).to(torch.uint8) * 255, self.targets, self.classes)
+
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All images as one float tensor in [0, 1] and the labels."""
         return self.images.float().div(255), self.targets.clone()
@@ -79,6 +85,12 @@ class FolderDataset(Dataset):
         """The data set restricted to ``indices``, in that order."""
         idx = [int(i) for i in indices]
         return FolderDataset([self.paths[i] for i in idx], self.targets[idx], self.classes, self.size)
+
+    def binarized(self, threshold: float = 0.5) -> "ImageDataset":
+        """The data set with every pixel 1 where it exceeds ``threshold`` and 0 elsewhere: binary feature vectors."""
+        if not 0 <= threshold < 1:
+            raise ValueError(f"threshold must be in [0, 1), got {threshold}")
+        return ImageDataset((self.images.float() > threshold * 255).to(torch.uint8) * 255, self.targets, self.classes)
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All images as one float tensor in [0, 1] and the labels."""

@@ -38,6 +38,17 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return (predict(model, x, batch_size) == y).float().mean().item()
 
 
+def error_rates(pred: torch.Tensor, y: torch.Tensor, num_classes: int) -> dict[str, float]:
+    """Accuracy and the macro-averaged false-positive and false-negative rates of a confusion matrix
+    (one-vs-rest per class, then averaged), as the ARMOR_D paper reports them."""
+    cm = torch.bincount(y * num_classes + pred, minlength=num_classes ** 2).view(num_classes, num_classes).double()
+    tp = cm.diag()
+    fp, fn = cm.sum(0) - tp, cm.sum(1) - tp
+    tn = cm.sum() - tp - fp - fn
+    return {"accuracy": (tp.sum() / cm.sum()).item(), "FPR": (fp / (fp + tn)).nanmean().item(),
+            "FNR": (fn / (fn + tp)).nanmean().item()}
+
+
 def run_attack(attack, model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 250,
                desc: str | None = None) -> torch.Tensor:
     """Run an attack over (x, y) in batches on the model's device, with a progress bar; returns x_adv."""

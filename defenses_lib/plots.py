@@ -103,6 +103,19 @@ def show_stages(stages: dict[str, torch.Tensor], notes: dict[str, list[str]] | N
     return fig
 
 
+def show_softmax(x: torch.Tensor, probs: torch.Tensor, y: int, classes=None, title: str = ""):
+    """An image beside the bar chart of its softmax probabilities: the true class in green, the wrong ones in grey,
+    on a log scale so that the spread of the small wrong-class values shows."""
+    name = (lambda k: classes[int(k)]) if classes is not None else (lambda k: str(int(k)))
+    fig, ax = plt.subplots(1, 2, figsize=(6.4, 2.4), gridspec_kw={"width_ratios": [1, 3]})
+    _imshow(ax[0], x, f"label {name(y)}")
+    colours = ["tab:green" if k == y else "tab:grey" for k in range(len(probs))]
+    ax[1].bar([name(k) for k in range(len(probs))], probs.clamp_min(1e-12).tolist(), color=colours)
+    ax[1].set(yscale="log", ylim=(1e-8, 1.5), ylabel="softmax", title=title)
+    fig.tight_layout()
+    return fig
+
+
 def figure_png(fig, dpi: int = 80) -> bytes:
     """A matplotlib figure as PNG bytes; the figure is closed."""
     buf = io.BytesIO()

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from .attacks import attack_mode, check_inputs, pgd, project
+from .models import build_model
 from .runtime import pick_device, progress, seed_everything, timeit
 
 RUNS_ENV = "DEFENSES_RUNS"
@@ -219,6 +220,28 @@ def fit(model: nn.Module, dataset, loss_fn, *, chapter: str, name: str, recipe: 
     print(f"{name}: {epochs} epochs on {len(dataset)} images, {sum(h['seconds'] for h in history):.0f} s of training, "
           f"final training loss {history[-1]['loss'] if history else float('nan'):.3f} ({how}, {path.name})")
     return model.cpu().eval()
+
+
+def train_models(P, train_set, losses: dict[str, nn.Module], *, arch: str, epochs: int, device=None,
+                 chapter: str, **schedule) -> dict[str, nn.Module]:
+    """Train one ``arch`` per loss on the same data, seed and schedule: the profile's batch size, optimizer,
+    lr, momentum and milestones, each replaceable through ``schedule``.
+
+    A loss with an ``lr`` attribute (ARMOR_D's dual variables) trains its own parameters with Adam at
+    that rate; the trained loss objects keep them. Returns the models in eval mode on the CPU.
+    """
+    kw = dict(batch_size=P.batch_size, optimizer=P.optimizer, lr=P.lr, momentum=P.momentum, milestones=P.milestones)
+    kw.update(schedule)
+    models = {}
+    for name, loss in losses.items():
+        seed_everything(P.seed)  # the same initial weights for every model
+        model = build_model(arch, P.dataset)
+        recipe = dict(arch=arch, dataset=P.dataset, n_train=len(train_set), seed=P.seed)
+        fit(model, train_set, loss, chapter=chapter, name=name, recipe=recipe, epochs=epochs,
+            loss_lr=getattr(loss, "lr", None), seed=P.seed, device=device, **kw)
+        loss.cpu()
+        models[name] = model
+    return models
 
 
 def step_time(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor, repeat: int = 5) -> float:

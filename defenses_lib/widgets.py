@@ -13,7 +13,7 @@ import torch
 
 from .attacks import pgd
 from .evaluation import predict
-from .plots import figure_png, show_adversarial, show_stages, show_transfer
+from .plots import figure_png, show_adversarial, show_softmax, show_stages, show_transfer
 
 
 def linked_views(views: list[list[bytes]], item_labels: list[str], step_labels: list[str], step_name: str) -> W.VBox:
@@ -124,3 +124,20 @@ def smoothing_explorer(variational: dict, fixed: dict, y: torch.Tensor, radii) -
         ax[1].set(xlabel="noise level used", ylabel="test images", title=f"sigma_t = {t:g}")
         views.append(figure_png(fig))
     return linked_views([views], ["variational"], [f"{t:g}" for t in variational], "sigma_t")
+
+
+def softmax_explorer(models: dict, x: torch.Tensor, y: torch.Tensor, step_name: str = "b", classes=None) -> W.VBox:
+    """Pick an image, move through ``models`` (one per setting, e.g. DRSL's b): its softmax over the classes,
+    the wrong ones on a log scale, with their spread (the variance of their log-probabilities) in the title."""
+    from .defenses.drsl import wrong_class_spread
+
+    views = [[] for _ in range(len(x))]
+    for label, model in models.items():
+        with torch.no_grad():
+            logits = model(x)
+        spread = wrong_class_spread(logits, y)
+        for i, p in enumerate(logits.softmax(1)):
+            title = f"{step_name} = {label}: wrong-class log-softmax variance {spread[i]:.2f}"
+            views[i].append(figure_png(show_softmax(x[i], p, int(y[i]), classes, title)))
+    name = (lambda k: classes[int(k)]) if classes else (lambda k: str(int(k)))
+    return linked_views(views, [f"test image #{i} (a {name(y[i])})" for i in range(len(x))], list(models), step_name)

@@ -22,18 +22,20 @@ import torch
 
 from defenses_lib.attacks import fgsm, pgd
 from defenses_lib.data import balanced_subset, load_dataset
-from defenses_lib.defenses.armor import armor_losses, train_models
+from defenses_lib.defenses.armor import armor_losses
 from defenses_lib.evaluation import evaluate
 from defenses_lib.profiles import get_profile
+from defenses_lib.training import train_models
 
 
 def attacks(P) -> dict:
     """The paper's FGSM and PGD-40 at eps = 0.1 (zero start), and PGD-40 from a random start at each eval eps."""
+    name = f"PGD-{P.eval_steps}"
     out = {"FGSM eps=0.1": partial(fgsm, eps=0.1),
-           "PGD-40 eps=0.1 (paper: zero start)": partial(pgd, eps=0.1, alpha=P.eval_alpha, steps=P.eval_steps,
+           f"{name} eps=0.1 (paper: zero start)": partial(pgd, eps=0.1, alpha=P.eval_alpha, steps=P.eval_steps,
                                                           random_start=False)}
     for e in P.eval_eps:
-        out[f"PGD-40 eps={e:g} (random start)"] = partial(pgd, eps=e, alpha=P.eval_alpha, steps=P.eval_steps)
+        out[f"{name} eps={e:g} (random start)"] = partial(pgd, eps=e, alpha=P.eval_alpha, steps=P.eval_steps)
     return out
 
 

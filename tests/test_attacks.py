@@ -193,3 +193,23 @@ def test_attacks_restore_parameter_gradients(tiny_model):
     x, y = _xy()
     pgd(tiny_model, x, y, 0.1, steps=2)
     assert not tiny_model[0].weight.requires_grad and tiny_model[0].bias.requires_grad and tiny_model[3].weight.requires_grad
+
+
+def test_top_k_targeted_tries_the_most_likely_wrong_classes_in_order():
+    from defenses_lib.attacks import top_k_targeted
+
+    calls = []
+
+    def attack(model, x, target, targeted):
+        assert targeted
+        calls.append(target.tolist())
+        return x + (target.view(-1, 1) == 2).float() * 10  # only a push towards class 2 fools this model
+
+    model = torch.nn.Linear(1, 4, bias=True)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[0.0], [0.0], [1.0], [0.0]]))
+        model.bias.copy_(torch.tensor([3.0, 2.0, 1.0, 0.0]))  # clean: class 0, then wrong classes 1, 2, 3
+    x, y = torch.zeros(2, 1), torch.zeros(2, dtype=torch.long)
+    out = top_k_targeted(attack, 2)(model, x, y)
+    assert calls == [[1, 1], [2, 2]] and (model(out).argmax(1) == 2).all()
+    assert top_k_targeted(attack, 1)(model, x, y).eq(0).all(), "with k = 1 only class 1 is tried"

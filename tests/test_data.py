@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from defenses_lib import data
-from defenses_lib.data import DataNotFoundError, balanced_subset, load_dataset, make_loader
+from defenses_lib.data import DataNotFoundError, ImageDataset, balanced_subset, load_dataset, make_loader
 
 
 def test_mnist_offline(data_root):
@@ -98,3 +98,17 @@ def test_image_dataset_checks_its_input():
         data.ImageDataset(torch.zeros(2, 1, 4, 4), torch.zeros(2), ["a"])
     with pytest.raises(ValueError, match="targets"):
         data.ImageDataset(torch.zeros(2, 1, 4, 4, dtype=torch.uint8), torch.zeros(3), ["a"])
+
+
+def test_binarized_images_are_zero_or_one_at_the_threshold():
+    images = torch.tensor([0, 127, 128, 255], dtype=torch.uint8).view(4, 1, 1, 1)
+    data = ImageDataset(images, torch.zeros(4, dtype=torch.long), ["a"]).binarized(0.5)
+    x, _ = data.tensors()
+    assert x.flatten().tolist() == [0.0, 0.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="threshold must be in"):
+        data.binarized(1.0)
+
+
+def test_balanced_subset_of_the_whole_set_is_the_whole_set(data_root):
+    train = load_dataset("mnist", "train", data_root)
+    assert balanced_subset(train, len(train)) is train

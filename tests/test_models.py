@@ -13,6 +13,8 @@ from defenses_lib.models import STATS, build_model
     ("small_cnn", "cifar10", (2, 3, 32, 32), 10),
     ("resnet18", "cifar100", (2, 3, 32, 32), 100),
     ("resnet20", "cifar10", (2, 3, 32, 32), 10),
+    ("mlp", "mnist", (2, 1, 28, 28), 10),
+    ("mlp", "cifar10", (2, 3, 32, 32), 10),
 ])
 def test_logits_shape(arch, dataset, shape, k):
     model = build_model(arch, dataset).eval()

@@ -1,13 +1,18 @@
 """Profiles: both exist for every chapter, bad names are refused, and the paper profile's own
 settings run for a few steps here (on a small slice of real data)."""
 
+import json
+import runpy
 from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
 
 from defenses_lib.attacks import EOT, pgd
 from defenses_lib.data import balanced_subset, load_dataset
+from defenses_lib.attacks import rfgsm_k
+from defenses_lib.defenses.armor import armor_losses, binary_losses
 from defenses_lib.defenses.ensembles import train_ensembles
 from defenses_lib.defenses.purification import train_purification
 from defenses_lib.defenses.smoothing import certify, certify_variational, train_smoothing
@@ -15,7 +20,7 @@ from defenses_lib.evaluation import autoattack, evaluate
 from defenses_lib.models import build_model
 from defenses_lib.profiles import PROFILES, get_profile
 from defenses_lib.runtime import seed_everything
-from defenses_lib.training import PGDAdversarialLoss, TradesLoss, train
+from defenses_lib.training import PGDAdversarialLoss, TradesLoss, train, train_models
 
 
 def test_every_chapter_has_both_profiles():
@@ -97,3 +102,39 @@ def test_smoothing_paper_profile_runs_a_few_steps(data_root, tmp_path, monkeypat
     cert = certify_variational(variational, x[:1], P.radii, n0=10, n=20, num_classes=10, selector_draws=50)
     assert cert.radius.shape == (1,)
     assert certify(models["sigma=0.25"], x[:1], 0.25, n0=10, n=20).radius.shape == (1,)
+
+
+def test_armor_paper_profile_runs_a_few_steps(data_root, tmp_path, monkeypatch):
+    P, data = _paper_profile("armor", data_root, tmp_path, monkeypatch, n_train=200)  # two steps of 100 per model
+    models = train_models(P, data, armor_losses(P), arch=P.arch, epochs=1, chapter="armor")
+    assert list(models) == list(P.models)
+    x, y = balanced_subset(load_dataset(P.dataset, "test", data_root), 10, seed=1).tensors()
+    res = evaluate(models["ARMOR_D KL"], x, y, {"PGD": partial(pgd, eps=0.1, alpha=P.eval_alpha, steps=P.eval_steps,
+                                                                random_start=False)})
+    assert res.n == 10
+    B = P.binary
+    binary = balanced_subset(load_dataset(P.dataset, "train", data_root), 200).binarized(B["threshold"])
+    nets = train_models(P, binary, binary_losses(P), arch=B["arch"], epochs=1, chapter="armor-binary",
+                        optimizer=B["optimizer"], lr=B["lr"], milestones=())
+    xb = (x > B["threshold"]).float()
+    x_adv = rfgsm_k(nets["ARMOR_D"], xb, y, B["attack_steps"], B["attack_step_size"])
+    assert ((x_adv == 0) | (x_adv == 1)).all() and (x_adv >= xb).all()
+
+
+def test_armor_paper_runner_writes_its_result_file_and_resumes(data_root, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DEFENSES_RUNS", str(tmp_path))
+    monkeypatch.setenv("DEFENSES_DATA", str(data_root))
+    runner = runpy.run_path(str(Path(__file__).resolve().parents[1] / "experiments" / "armor_mnist_paper.py"))
+    P = get_profile("armor", "paper")
+    P.update(n_train=200, n_test=10, epochs=1, eval_steps=3)  # two training steps, ten test images, short attacks
+    monkeypatch.setitem(runner["main"].__globals__, "get_profile", lambda chapter, name: P)
+    args = ["--models", "ARMOR_D KL", "--out", str(tmp_path / "results")]
+    runner["main"](args)
+    record = json.loads((tmp_path / "results" / "ARMOR_D_KL.json").read_text())
+    assert record["model"] == "ARMOR_D KL" and record["n_test"] == 10 and record["lambda"] > 0
+    assert {"clean", "FGSM eps=0.1", "PGD-3 eps=0.1 (paper: zero start)", "worst case"} <= set(record["accuracy"])
+    assert "trained now" in capsys.readouterr().out
+    runner["main"](args)  # the same command again: the finished checkpoint is loaded, not retrained
+    assert "finished run loaded" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        runner["main"](["--models", "ARMOR_D KL", "PGD-AT", "nope"])

@@ -41,6 +41,31 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path):
     assert torch.equal(_weights(straight), _weights(resumed))
 
 
+class _ShiftedLoss(torch.nn.Module):
+    """Cross-entropy of the logits plus a learned scalar (a stand-in for a dual variable), plus its square."""
+
+    def __init__(self):
+        super().__init__()
+        self.shift = torch.nn.Parameter(torch.tensor(1.0))
+
+    def forward(self, model, x, y):
+        return F.cross_entropy(model(x), y) + self.shift ** 2
+
+
+def test_loss_parameters_get_their_own_adam_and_resume(tmp_path):
+    kw = dict(batch_size=16, optimizer="sgd", lr=0.05, loss_lr=0.01, seed=3, show_progress=False)
+    straight, straight_loss = _model(), _ShiftedLoss()
+    train(straight, _dataset(), straight_loss, epochs=2, **kw)
+    # Adam moves a parameter by about lr per step whatever its gradient: 12 steps of 0.01 from 1.0
+    assert straight_loss.shift.item() == pytest.approx(1.0 - 0.12, abs=1e-3)
+    ckpt = tmp_path / "run.pt"
+    train(_model(), _dataset(), _ShiftedLoss(), epochs=1, checkpoint=ckpt, **kw)
+    resumed, resumed_loss = _model(), _ShiftedLoss()
+    train(resumed, _dataset(), resumed_loss, epochs=2, checkpoint=ckpt, **kw)
+    assert torch.equal(_weights(straight), _weights(resumed))
+    assert resumed_loss.shift.item() == straight_loss.shift.item()
+
+
 def test_finished_checkpoint_is_loaded_not_retrained(tmp_path):
     ckpt = tmp_path / "done.pt"
     a = _model()

@@ -16,8 +16,9 @@ minimised over the network and the scalars lambda > 0 (and nu). Labels never mov
   gradient ascent without projection, as the authors do; ``clip`` keeps pixels in [0, 1]; or
   rFGSM^k-style rounding for binary features), the mix ``t * natural + (1 - t) * ARMOR_D`` and the
   implicit sample weights.
-* ``armor_losses`` and ``train_models``: chapter 4's recipe (natural, FGSM-AT, PGD-AT and ARMOR_D on
-  one loop, network and schedule).
+* ``RFGSMAdversarialLoss``: adversarial training on binary features with rFGSM^k (SLEIPNIR's baseline).
+* ``armor_losses`` and ``binary_losses``: chapter 4's recipes (natural, FGSM-AT, PGD-AT and ARMOR_D;
+  natural, rFGSM^k-AT and ARMOR_D on binary features), trained by ``training.train_models``.
 """
 
 from __future__ import annotations
@@ -29,9 +30,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from ..attacks import rfgsm_k, signed_ascent
-from ..models import build_model
-from ..runtime import seed_everything
-from ..training import CrossEntropy, PGDAdversarialLoss, fit
+from ..training import CrossEntropy, PGDAdversarialLoss
 
 DIVERGENCES = ("kl", "alpha")
 DOMAINS = ("continuous", "binary")
@@ -152,6 +151,28 @@ class ArmorLoss(nn.Module):
         return len(losses) * grad
 
 
+class RFGSMAdversarialLoss(nn.Module):
+    """Adversarial training on binary features (SLEIPNIR's rFGSM^k baseline): cross-entropy on rFGSM^k examples."""
+
+    def __init__(self, steps: int = 50, step_size: float = 0.02):
+        super().__init__()
+        self.steps, self.step_size = steps, step_size
+
+    def extra_repr(self) -> str:
+        return f"steps={self.steps}, step_size={self.step_size}"
+
+    def forward(self, model, x, y):
+        return F.cross_entropy(model(rfgsm_k(model, x, y, self.steps, self.step_size)), y)
+
+
+def binary_losses(P) -> dict[str, nn.Module]:
+    """Chapter 4's binary-feature losses: natural, rFGSM^k adversarial training and ARMOR_D with rFGSM^k-style transport."""
+    B = P.binary
+    armor = dict(B["armor"], steps=B["train_steps"], step_size=B["train_step_size"])
+    return {"natural": CrossEntropy(), "rFGSM^k-AT": RFGSMAdversarialLoss(B["train_steps"], B["train_step_size"]),
+            "ARMOR_D": armor_loss(armor, domain="binary", positivity=P.armor_positivity)}
+
+
 def armor_losses(P) -> dict[str, nn.Module]:
     """Chapter 4's MNIST training losses from a profile: natural, FGSM-AT, PGD-AT and the ARMOR_D variants."""
     losses = {"natural": CrossEntropy(),
@@ -167,23 +188,3 @@ def armor_loss(v: dict, **options) -> ArmorLoss:
     return ArmorLoss(v["eps"], TransportCost(v["L"], v["p"], v["q"]), divergence=v["divergence"],
                      alpha=v.get("alpha", 2.0), steps=v["steps"], step_size=v["step_size"], t=v["t"],
                      softplus_beta=v.get("beta", 1.0), lr=v["lr"], **options)
-
-
-def train_models(P, train_set, losses: dict[str, nn.Module], *, arch: str, epochs: int, device=None,
-                 chapter: str = "armor") -> dict[str, nn.Module]:
-    """Train one ``arch`` per loss on the same data, seed and schedule (the profile's optimizer, lr, momentum, milestones).
-
-    An ``ArmorLoss`` trains its lambda (and nu) with Adam at its own ``lr``, as the authors do; the
-    trained loss objects keep their dual variables. Returns the models in eval mode on the CPU.
-    """
-    models = {}
-    for name, loss in losses.items():
-        seed_everything(P.seed)  # the same initial weights for every model
-        model = build_model(arch, P.dataset)
-        recipe = dict(arch=arch, dataset=P.dataset, n_train=len(train_set), seed=P.seed)
-        fit(model, train_set, loss, chapter=chapter, name=name, recipe=recipe, epochs=epochs,
-            batch_size=P.batch_size, optimizer=P.optimizer, lr=P.lr, momentum=P.momentum, milestones=P.milestones,
-            loss_lr=getattr(loss, "lr", None), seed=P.seed, device=device)
-        loss.cpu()
-        models[name] = model
-    return models
