@@ -13,6 +13,7 @@ from defenses_lib.attacks import EOT, pgd
 from defenses_lib.data import balanced_subset, load_dataset
 from defenses_lib.attacks import rfgsm_k
 from defenses_lib.defenses.armor import armor_losses, binary_losses
+from defenses_lib.defenses.drsl import drsl_losses
 from defenses_lib.defenses.ensembles import train_ensembles
 from defenses_lib.defenses.purification import train_purification
 from defenses_lib.defenses.smoothing import certify, certify_variational, train_smoothing
@@ -138,3 +139,12 @@ def test_armor_paper_runner_writes_its_result_file_and_resumes(data_root, tmp_pa
     assert "finished run loaded" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         runner["main"](["--models", "ARMOR_D KL", "PGD-AT", "nope"])
+
+
+def test_drsl_paper_profile_runs_a_few_steps(data_root, tmp_path, monkeypatch):
+    P, data = _paper_profile("drsl", data_root, tmp_path, monkeypatch, n_train=20, batch_size=10, epochs=1)
+    models = train_models(P, data, drsl_losses(P), arch=P.arch, epochs=P.epochs, chapter="drsl")
+    assert list(models) == ["CE", "DRSL", "DRSL b=0.1", "DRSL b=10", "PGD-AT"]
+    x, y = balanced_subset(load_dataset(P.dataset, "test", data_root), 10, seed=1).tensors()
+    res = evaluate(models["DRSL"], x[:4], y[:4], {"margin": partial(pgd, eps=P.eval_eps[-1], steps=2, loss="margin")})
+    assert res.n == 4
