@@ -26,13 +26,18 @@ REDUCTIONS = ("mean", "batch_sum")
 CENTERS = ("wrong", "authors")
 
 
-def wrong_class_values(logits: torch.Tensor, y: torch.Tensor, space: str = "logit") -> torch.Tensor:
-    """The (N, K-1) values of the wrong classes: logits (``"logit"``) or softmax probabilities (``"prob"``)."""
+def _values(logits: torch.Tensor, y: torch.Tensor, space: str) -> torch.Tensor:
+    """The logits or their softmax, after checking the space and the shapes."""
     if space not in SPACES:
         raise ValueError(f"space must be one of {SPACES}, got {space!r}")
     if logits.dim() != 2 or y.shape != (logits.shape[0],):
         raise ValueError(f"logits must have shape (N, K) and y shape (N,), got {tuple(logits.shape)} and {tuple(y.shape)}")
-    values = logits if space == "logit" else logits.softmax(1)
+    return logits if space == "logit" else logits.softmax(1)
+
+
+def wrong_class_values(logits: torch.Tensor, y: torch.Tensor, space: str = "logit") -> torch.Tensor:
+    """The (N, K-1) values of the wrong classes: logits (``"logit"``) or softmax probabilities (``"prob"``)."""
+    values = _values(logits, y, space)
     keep = ~F.one_hot(y, logits.shape[1]).bool()
     return values[keep].view(len(y), -1)
 
@@ -52,10 +57,11 @@ def squared_deviations(logits: torch.Tensor, y: torch.Tensor, space: str = "logi
     """
     if center not in CENTERS:
         raise ValueError(f"center must be one of {CENTERS}, got {center!r}")
-    values = wrong_class_values(logits, y, space)
+    values = _values(logits, y, space)
     k = logits.shape[1]
-    c = values.mean(1, keepdim=True) if center == "wrong" else values.sum(1, keepdim=True) / k
-    return ((values - c) ** 2).sum(1)
+    wrong = 1.0 - F.one_hot(y, k).to(values.dtype)  # a mask rather than an index: no host sync in a training step
+    c = (values * wrong).sum(1, keepdim=True) / (k - 1 if center == "wrong" else k)
+    return ((values - c) ** 2 * wrong).sum(1)
 
 
 class DRSLLoss(nn.Module):
