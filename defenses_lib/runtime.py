@@ -59,3 +59,16 @@ def timeit(fn, repeat: int = 5, warmup: int = 1) -> float:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def compare_times(fns: dict, repeat: int = 5, warmup: int = 1) -> dict:
+    """The fastest wall time in seconds of each ``fns[name]()``, timed in interleaved rounds.
+
+    Each round calls every function once, in turn, so that a burst of load on a shared machine
+    slows all of them alike instead of whichever happened to be timed during it.
+    """
+    if repeat < 1 or warmup < 0:
+        raise ValueError(f"repeat must be >= 1 and warmup >= 0, got repeat={repeat}, warmup={warmup}")
+    rounds = [{name: timeit(fn, repeat=1, warmup=warmup if i == 0 else 0) for name, fn in fns.items()}
+              for i in range(repeat)]
+    return {name: min(r[name] for r in rounds) for name in fns}

@@ -1,5 +1,6 @@
 """Training: checkpoints round-trip and resume to the same result, losses match their formulas."""
 
+import time
 from pathlib import Path
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from defenses_lib.data import ImageDataset
-from defenses_lib.runtime import pick_device, timeit
+from defenses_lib.runtime import compare_times, pick_device, timeit
 from defenses_lib.training import (CrossEntropy, PGDAdversarialLoss, TradesLoss, atomic_save, fit, load_checkpoint,
                                    recipe_hash, step_time, train)
 
@@ -160,3 +161,13 @@ def test_timeit_counts_its_calls():
     assert timeit(lambda: calls.append(1), repeat=3, warmup=2) >= 0 and len(calls) == 5
     with pytest.raises(ValueError, match="repeat"):
         timeit(lambda: None, repeat=0)
+
+
+def test_compare_times_interleaves_its_rounds_and_keeps_the_fastest():
+    calls = []
+    times = compare_times({"slow": lambda: (calls.append("s"), time.sleep(0.02)),
+                           "fast": lambda: calls.append("f")}, repeat=3, warmup=1)
+    assert calls == ["s", "s", "f", "f", "s", "f", "s", "f"]
+    assert times["slow"] >= 0.02 > times["fast"]
+    with pytest.raises(ValueError, match="repeat"):
+        compare_times({"a": lambda: None}, repeat=0)
