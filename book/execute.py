@@ -9,21 +9,17 @@ widgets in the HTML). A notebook is written only if it ran without error, via a 
 
 import os
 import sys
-import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import nbformat
 from nbclient import NotebookClient
 
+from defenses_lib.run import clean
+from defenses_lib.runtime import atomic_write
+
 BOOK = Path(__file__).resolve().parent
-
-
-def clean(nb) -> None:
-    """Keep only tags in cell metadata and the kernel, language and widget state in the notebook's."""
-    for cell in nb.cells:
-        cell.metadata = {k: v for k, v in cell.metadata.items() if k == "tags"}
-    nb.metadata = {k: v for k, v in nb.metadata.items() if k in ("kernelspec", "language_info", "widgets")}
 
 
 def execute(path: Path) -> float:
@@ -33,10 +29,7 @@ def execute(path: Path) -> float:
     NotebookClient(nb, timeout=1800, kernel_name="python3", resources={"metadata": {"path": str(BOOK.parent)}},
                    record_timing=False, store_widget_state=True).execute()
     clean(nb)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".ipynb.tmp")
-    os.close(fd)
-    nbformat.write(nb, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, partial(nbformat.write, nb))
     return time.perf_counter() - t0
 
 

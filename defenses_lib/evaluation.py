@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .attacks import check_inputs, eval_mode, fgsm, pgd
-from .runtime import model_device, progress
+from .runtime import model_device, progress, record
 
 
 def _batches(n: int, batch_size: int):
@@ -126,7 +126,10 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: dict, 
         x_adv = run_attack(attack, attack_model or model, x, y, batch_size, desc=name)
         correct[name] = correctness(model, x_adv, y, repeats)
         seconds[name] = time.perf_counter() - t0
-    return RobustResult(correct, seconds, setting)
+    result = RobustResult(correct, seconds, setting)
+    record("evaluation", setting=setting, n=len(y), repeats=repeats, attacks={k: repr(a) for k, a in attacks.items()},
+           accuracy=result.accuracy(), seconds=seconds)
+    return result
 
 
 def eps_sweep(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_list, attacks_at, batch_size: int = 250,

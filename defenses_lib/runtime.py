@@ -1,16 +1,24 @@
-"""Where and how code runs: the device, seeds, progress bars and timing."""
+"""Where and how code runs: the device, seeds, progress bars, timing and the headless runner's records."""
 
 from __future__ import annotations
 
+import json
 import os
+import sys
+import tempfile
 import random
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from tqdm.asyncio import tqdm as text_tqdm  # the class tqdm.auto builds on outside notebooks: see progress()
+
+PROGRESS_ENV = "DEFENSES_PROGRESS"  # "terminal": plain-text bars on the process's own stderr (headless runs)
+METRICS_ENV = "DEFENSES_METRICS"    # a file the library appends what it trained and evaluated to (JSON lines)
 
 
 def pick_device(prefer: str | None = None) -> torch.device:
@@ -37,10 +45,30 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def progress(iterable, desc: str | None = None, enabled: bool = True, **kwargs):
-    """A ``tqdm.auto`` bar that closes when done; ``TQDM_DISABLE=1`` in the environment turns all bars off."""
-    if not enabled or os.environ.get("TQDM_DISABLE") == "1":  # tqdm.notebook ignores the variable itself
+    """A ``tqdm.auto`` bar that closes when done; ``TQDM_DISABLE=1`` in the environment turns all bars off,
+    and under torchrun only the first process shows them.
+
+    With ``DEFENSES_PROGRESS=terminal`` (set by :mod:`defenses_lib.run`) the bar is plain text on the
+    process's own stderr, updated every 30 s: a headless kernel's terminal, not the notebook's outputs.
+    Every kind of bar here, shown or not, is a ``tqdm.asyncio`` bar, which calls ``iter()`` on its
+    iterable once more than ``tqdm.std`` does; a shuffling DataLoader draws its order from its generator
+    on each ``iter()``, so the bar's class must not change with the display or training would see other
+    batches (a test checks that it does not).
+    """
+    quiet = os.environ.get("TQDM_DISABLE") == "1" or os.environ.get("RANK", "0") != "0"  # tqdm.notebook ignores
+    if not enabled or quiet:                                                               # TQDM_DISABLE itself
         kwargs["disable"] = True
+    if os.environ.get(PROGRESS_ENV) == "terminal":
+        return text_tqdm(iterable, desc=desc, leave=False, file=sys.__stderr__, mininterval=30, **kwargs)
     return tqdm(iterable, desc=desc, leave=False, **kwargs)
+
+
+def record(kind: str, **fields) -> None:
+    """Append ``{"kind": kind, **fields}`` as a JSON line to the file ``$DEFENSES_METRICS`` names, if any."""
+    path = os.environ.get(METRICS_ENV)
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"kind": kind, **fields}, default=str) + "\n")
 
 
 def timeit(fn, repeat: int = 5, warmup: int = 1) -> float:
@@ -72,3 +100,17 @@ def compare_times(fns: dict, repeat: int = 5, warmup: int = 1) -> dict:
     rounds = [{name: timeit(fn, repeat=1, warmup=warmup if i == 0 else 0) for name, fn in fns.items()}
               for i in range(repeat)]
     return {name: min(r[name] for r in rounds) for name in fns}
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """``write(tmp)`` to a temporary file in ``path``'s folder, then rename it to ``path``: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -19,9 +18,10 @@ from torch import nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from . import distributed
 from .attacks import attack_mode, check_inputs, pgd, project
 from .models import build_model
-from .runtime import pick_device, progress, seed_everything, timeit
+from .runtime import atomic_write, pick_device, progress, record, seed_everything, timeit
 
 RUNS_ENV = "DEFENSES_RUNS"
 
@@ -100,16 +100,7 @@ def run_dir(*parts: str) -> Path:
 
 def atomic_save(obj, path: str | os.PathLike) -> None:
     """torch.save to a temporary file in the same folder, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def load_checkpoint(path: str | os.PathLike, device=None) -> dict:
@@ -144,9 +135,15 @@ def train(model: nn.Module, dataset, loss_fn, *, epochs: int, batch_size: int = 
     by ``gamma``. A loss with a ``set_epoch(epoch)`` method (a schedule) is told each epoch first.
     The loss's own parameters, if any, get their own Adam optimizer at ``loss_lr`` (no schedule) when
     ``loss_lr`` is given, else they join the model's optimizer.
+
+    Launched by ``torchrun`` with several processes, the model trains in DistributedDataParallel, each
+    process on its slice of every batch (see :mod:`defenses_lib.distributed`); only the first process
+    writes the checkpoint and shows progress.
     """
     if epochs < 0 or batch_size < 1:
         raise ValueError(f"epochs must be >= 0 and batch_size >= 1, got epochs={epochs}, batch_size={batch_size}")
+    distributed.setup()
+    device = device or distributed.local_device()
     device = pick_device(device) if not isinstance(device, torch.device) else device
     model.to(device)
     loss_fn = loss_fn.to(device) if isinstance(loss_fn, nn.Module) else loss_fn
@@ -169,13 +166,14 @@ def train(model: nn.Module, dataset, loss_fn, *, epochs: int, batch_size: int = 
         if state["cuda_rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([t.cpu() for t in state["cuda_rng"]])
         start, history = state["epoch"], state["history"]
+    net = distributed.wrap(model, device)
     for epoch in range(start, epochs):
         if hasattr(loss_fn, "set_epoch"):  # losses with a schedule (an h or eps ramp) follow the epoch
             loss_fn.set_epoch(epoch)
-        history.append(_run_epoch(model, dataset, loss_fn, opts, batch_size, seed, epoch, device,
-                                  f"{desc} {epoch + 1}/{epochs}", show_progress))
+        history.append(_run_epoch(net, dataset, loss_fn, opts, extra, batch_size, seed, epoch, device,
+                                  f"{desc} {epoch + 1}/{epochs}", show_progress and distributed.is_main()))
         sched.step()
-        if checkpoint is not None:
+        if checkpoint is not None and distributed.is_main():
             atomic_save({"model": model.state_dict(), "optimizer": [o.state_dict() for o in opts], "scheduler": sched.state_dict(),
                          "loss": loss_fn.state_dict() if isinstance(loss_fn, nn.Module) else {},
                          "rng": torch.get_rng_state(), "epoch": epoch + 1, "history": history,
@@ -185,22 +183,23 @@ def train(model: nn.Module, dataset, loss_fn, *, epochs: int, batch_size: int = 
     return history
 
 
-def _run_epoch(model, dataset, loss_fn, opts, batch_size, seed, epoch, device, desc, show_progress) -> dict:
-    """One pass over the data; returns the mean loss, the examples seen and the wall time."""
+def _run_epoch(model, dataset, loss_fn, opts, extra, batch_size, seed, epoch, device, desc, show_progress) -> dict:
+    """One pass over the data (this process's slice of each batch); returns the mean loss, the examples seen and the wall time."""
     model.train()
     total, seen, t0 = 0.0, 0, time.perf_counter()
     bar = progress(_epoch_loader(dataset, batch_size, seed, epoch), desc, enabled=show_progress)
     for x, y in bar:
-        x, y = x.to(device), y.to(device)
+        x, y, share = distributed.shard(x.to(device), y.to(device))
         loss = loss_fn(model, x, y)
         for opt in opts:
             opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * share).backward()
+        distributed.average_gradients(extra)
         for opt in opts:
             opt.step()
         total += loss.item() * len(y)
         seen += len(y)
-        bar.set_postfix(loss=f"{total / seen:.3f}")
+        bar.set_postfix(loss=f"{total / seen:.3f}", refresh=False)
     return {"epoch": epoch + 1, "loss": total / max(seen, 1), "examples": seen, "seconds": time.perf_counter() - t0}
 
 
@@ -217,6 +216,7 @@ def fit(model: nn.Module, dataset, loss_fn, *, chapter: str, name: str, recipe: 
     done = load_checkpoint(path)["epoch"] if path.is_file() else 0
     history = train(model, dataset, loss_fn, epochs=epochs, checkpoint=path, desc=name, **train_kwargs)
     how = "finished run loaded" if done >= epochs else f"resumed after epoch {done}" if done else "trained now"
+    record("training", name=name, checkpoint=str(path), recipe=full, how=how, history=history)
     print(f"{name}: {epochs} epochs on {len(dataset)} images, {sum(h['seconds'] for h in history):.0f} s of training, "
           f"final training loss {history[-1]['loss'] if history else float('nan'):.3f} ({how}, {path.name})")
     return model.cpu().eval()

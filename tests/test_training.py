@@ -1,11 +1,11 @@
 """Training: checkpoints round-trip and resume to the same result, losses match their formulas."""
 
 import time
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.data import TensorDataset
 
 from defenses_lib.data import ImageDataset
 from defenses_lib.runtime import compare_times, pick_device, timeit
@@ -171,3 +171,21 @@ def test_compare_times_interleaves_its_rounds_and_keeps_the_fastest():
     assert times["slow"] >= 0.02 > times["fast"]
     with pytest.raises(ValueError, match="repeat"):
         compare_times({"a": lambda: None}, repeat=0)
+
+
+@pytest.mark.parametrize("env", [{"TQDM_DISABLE": "1"}, {"DEFENSES_PROGRESS": "terminal"}])
+def test_the_progress_display_does_not_change_what_training_sees(env, monkeypatch):
+    def trained():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+        train(model, TensorDataset(x, y), CrossEntropy(), epochs=1, batch_size=8, device="cpu")
+        return model[1].weight.detach().clone()
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(32, 1, 4, 4, generator=g), torch.randint(0, 3, (32,), generator=g)
+    for key in ("TQDM_DISABLE", "DEFENSES_PROGRESS"):
+        monkeypatch.delenv(key, raising=False)
+    shown = trained()
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert torch.equal(trained(), shown)

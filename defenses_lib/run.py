@@ -1,0 +1,178 @@
+"""Run a chapter headless, for instance at the paper's scale on a GPU server.
+
+    python -m defenses_lib.run armor --profile paper --out runs/armor-paper
+    torchrun --nproc_per_node=4 -m defenses_lib.run armor --profile paper    # 4 GPUs, DDP
+
+Executes the chapter's notebook, cell by cell, in a fresh kernel with ``DEFENSES_PROFILE`` set to
+the profile, and writes to the output folder:
+
+- ``checkpoints/``: every trained model, after every epoch (``DEFENSES_RUNS`` points here);
+- ``<chapter>.ipynb``: the executed notebook, saved after every cell;
+- ``figures/``: each figure of the notebook as a PNG, named by its cell (``cell-07.png``);
+- ``metrics.json``: the profile, versions, commit and device; each cell's time and error, if any;
+  every model trained (recipe, epochs, time) and every evaluation (setting, attacks, accuracies,
+  times), as the library recorded them while the notebook ran.
+
+Running the same command again resumes: models whose checkpoints are complete are loaded, an
+interrupted training continues from its last finished epoch, and the evaluations run again.
+Progress (a bar per cell and the library's training and attack bars) goes to the terminal.
+
+A claims cell that asserts what the quick profile found may fail at the paper's scale; the run goes
+on, records the failed assertion in ``metrics.json`` and exits with status 1 at the end. Any other
+error (missing data, a bug) stops the run at that cell, recorded the same way. Under
+``torchrun`` every process runs the notebook (training is shared through DDP, see
+:mod:`defenses_lib.distributed`); only the first writes files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import nbformat
+import torch
+from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
+
+from .profiles import PROFILE_ENV, PROFILES
+from .runtime import METRICS_ENV, PROGRESS_ENV, atomic_write, progress
+from .training import RUNS_ENV
+
+BOOK = Path(__file__).resolve().parent.parent / "book"
+CHAPTERS = {"foundations": "00_foundations.ipynb", "ensembles": "01_ensembles.ipynb", "purification": "02_atop.ipynb",
+            "smoothing": "03_smoothing.ipynb", "armor": "04_armor.ipynb", "drsl": "05_drsl.ipynb"}
+
+
+def chapter_notebook(chapter: str, book: Path = BOOK) -> Path:
+    """The notebook of a chapter given by name (``armor``) or number (``4``)."""
+    names = list(CHAPTERS)
+    if chapter.isdigit() and int(chapter) < len(names):
+        chapter = names[int(chapter)]
+    if chapter not in CHAPTERS:
+        raise ValueError(f"chapter must be one of {names} or 0-{len(names) - 1}, got {chapter!r}")
+    path = book / CHAPTERS[chapter]
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run from a clone of the repository, or pass --notebook")
+    return path
+
+
+def clean(nb) -> None:
+    """Keep only tags in cell metadata and the kernel, language and widget state in the notebook's."""
+    for cell in nb.cells:
+        cell.metadata = {k: v for k, v in cell.metadata.items() if k == "tags"}
+    nb.metadata = {k: v for k, v in nb.metadata.items() if k in ("kernelspec", "language_info", "widgets")}
+
+
+def save_figures(cell, index: int, folder: Path) -> list[str]:
+    """Write the PNG outputs of one cell as ``cell-<index>[-k].png``; returns their names."""
+    names = []
+    images = [o["data"]["image/png"] for o in cell.get("outputs", []) if "image/png" in o.get("data", {})]
+    for k, data in enumerate(images):
+        name = f"cell-{index:02d}{f'-{k + 1}' if len(images) > 1 else ''}.png"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(base64.b64decode(data))
+        names.append(name)
+    return names
+
+
+def commit() -> str:
+    """The repository's current commit, or 'unknown' outside a git clone."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=BOOK.parent)
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def read_records(path: Path) -> list[dict]:
+    """The JSON lines the library recorded while the notebook ran."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def run_notebook(notebook: Path, out: Path, profile: str, cwd: Path, main: bool = True) -> dict:
+    """Execute ``notebook`` cell by cell with ``profile``, writing into ``out`` when ``main``; returns the metrics."""
+    nb = nbformat.read(notebook, as_version=4)
+    stem = notebook.stem
+    log = out / "records.jsonl"
+    os.environ.update({PROFILE_ENV: profile, RUNS_ENV: str(out / "checkpoints"), PROGRESS_ENV: "terminal"})
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        log.unlink(missing_ok=True)
+        os.environ[METRICS_ENV] = str(log)
+    metrics = {"notebook": str(notebook), "profile": profile, "commit": commit(), "torch": torch.__version__,
+               "python": platform.python_version(), "machine": platform.machine(),
+               "gpus": torch.cuda.device_count(), "processes": int(os.environ.get("WORLD_SIZE", "1")),
+               "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cells": [], "errors": []}
+    client = NotebookClient(nb, timeout=None, kernel_name="python3", resources={"metadata": {"path": str(cwd)}},
+                            record_timing=False, extra_arguments=["--IPKernelApp.capture_fd_output=False"])
+    t_run = time.perf_counter()
+    with client.setup_kernel():
+        code = [(i, c) for i, c in enumerate(nb.cells) if c.cell_type == "code"]
+        for i, cell in progress(code, f"{stem} ({profile})", enabled=main):
+            t0, error = time.perf_counter(), None
+            try:
+                client.execute_cell(cell, i)
+            except CellExecutionError:
+                failed = next(o for o in cell.outputs if o.output_type == "error")
+                error = f"{failed.ename}: {failed.evalue}"
+                metrics["errors"].append({"cell": i, "error": error})
+                print(f"\ncell {i} failed: {error}", file=sys.stderr)
+            metrics["cells"].append({"cell": i, "seconds": round(time.perf_counter() - t0, 2), "error": error,
+                                     "figures": save_figures(cell, i, out / "figures") if main else []})
+            if main:
+                clean(nb)
+                atomic_write(out / f"{stem}.ipynb", partial(nbformat.write, nb))
+            if error and not error.startswith("AssertionError"):
+                break  # a broken cell, not a claim that failed: later cells would only fail after it
+    metrics["seconds"] = round(time.perf_counter() - t_run, 1)
+    records = read_records(log)
+    metrics["trainings"] = [r for r in records if r["kind"] == "training"]
+    metrics["evaluations"] = [r for r in records if r["kind"] == "evaluation"]
+    if main:
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        log.unlink(missing_ok=True)
+    return metrics
+
+
+def main(argv=None) -> int:
+    """The command line: parse, run, summarise; the exit status is 1 when a cell failed."""
+    parser = argparse.ArgumentParser(prog="python -m defenses_lib.run", description=__doc__.splitlines()[0])
+    parser.add_argument("chapter", nargs="?", help=f"one of {list(CHAPTERS)} or its number (0-{len(CHAPTERS) - 1})")
+    parser.add_argument("--profile", default="paper", help="quick or paper (default: paper)")
+    parser.add_argument("--out", type=Path, help="output folder (default: runs/<notebook name>-<profile>)")
+    parser.add_argument("--notebook", type=Path, help="run this notebook instead of a chapter's")
+    args = parser.parse_args(argv)
+    if (args.chapter is None) == (args.notebook is None):
+        parser.error("give a chapter or --notebook, not both and not neither")
+    profiles = {p for chapter in PROFILES.values() for p in chapter}
+    if args.profile not in profiles:
+        parser.error(f"--profile must be one of {sorted(profiles)}, got {args.profile!r}")
+    try:
+        notebook = args.notebook or chapter_notebook(args.chapter)
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(str(e))
+    if not notebook.is_file():
+        parser.error(f"--notebook {notebook} is not a file")
+    out = (args.out or Path("runs") / f"{notebook.stem}-{args.profile}").resolve()
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    metrics = run_notebook(notebook.resolve(), out, args.profile, cwd=BOOK.parent if args.notebook is None
+                           else notebook.resolve().parent, main=is_main)
+    if is_main:
+        print(f"{notebook.name} ({args.profile}): {len(metrics['cells'])} cells in {metrics['seconds']:.0f} s, "
+              f"{len(metrics['trainings'])} models trained or loaded, {len(metrics['evaluations'])} evaluations; "
+              f"{len(metrics['errors'])} cell(s) failed; results in {out}")
+        for e in metrics["errors"]:
+            print(f"  cell {e['cell']}: {e['error']}")
+    return 1 if metrics["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""The headless runner: a notebook runs with the chosen profile, writes its outputs, records its metrics and resumes."""
+
+import json
+
+import nbformat
+import pytest
+
+from defenses_lib import run
+from defenses_lib.profiles import PROFILE_ENV
+from defenses_lib.runtime import METRICS_ENV, PROGRESS_ENV
+from defenses_lib.training import RUNS_ENV
+
+CELLS = [
+    "from functools import partial\nimport matplotlib.pyplot as plt\nimport torch\n"
+    "from defenses_lib.attacks import fgsm\nfrom defenses_lib.evaluation import evaluate\n"
+    "from defenses_lib.profiles import get_profile\nfrom defenses_lib.training import CrossEntropy, fit\n"
+    "P = get_profile('foundations')\nprint('n_train', P.n_train)",
+    "g = torch.Generator().manual_seed(0)\nx, y = torch.rand(64, 1, 6, 6, generator=g), torch.randint(0, 3, (64,), generator=g)\n"
+    "torch.manual_seed(0)\nmodel = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(36, 3))\n"
+    "fit(model, torch.utils.data.TensorDataset(x, y), CrossEntropy(), chapter='tiny', name='linear', "
+    "recipe={'data': 'random'}, epochs=2, batch_size=16, device='cpu')",
+    "r = evaluate(model, x, y, {'FGSM': partial(fgsm, eps=0.1)}, setting='tiny')\nprint(r)",
+    "plt.plot([0, 1], [1, 0])\nplt.show()",
+    "assert False, 'a claim that fails at this scale'",
+    "print('still running')",
+    "raise RuntimeError('a broken cell')",
+    "print('never reached')",
+]
+
+
+@pytest.fixture
+def notebook(tmp_path, monkeypatch):
+    for key in (PROFILE_ENV, RUNS_ENV, METRICS_ENV, PROGRESS_ENV):  # the runner sets them; restore them after
+        monkeypatch.delenv(key, raising=False)
+    path = tmp_path / "tiny.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in CELLS]), path)
+    return path
+
+
+def test_runner_writes_notebook_figures_metrics_and_checkpoints_then_resumes(notebook, tmp_path):
+    out = tmp_path / "out"
+    assert run.main(["--notebook", str(notebook), "--out", str(out), "--profile", "paper"]) == 1
+    metrics = json.loads((out / "metrics.json").read_text())
+    executed = nbformat.read(out / "tiny.ipynb", as_version=4)
+    assert "n_train 60000" in executed.cells[0].outputs[0].text, "the paper profile reached the kernel"
+    assert executed.cells[5].outputs[0].text == "still running\n", "the run goes on after a failed cell"
+    assert metrics["errors"] == [{"cell": 4, "error": "AssertionError: a claim that fails at this scale"},
+                                 {"cell": 6, "error": "RuntimeError: a broken cell"}], "a failed claim goes on, an error stops"
+    assert metrics["profile"] == "paper" and [c["cell"] for c in metrics["cells"]] == list(range(7))
+    assert executed.cells[7].outputs == []
+    assert (out / "figures" / "cell-03.png").read_bytes()[:4] == b"\x89PNG"
+    [training] = metrics["trainings"]
+    assert training["how"] == "trained now" and len(training["history"]) == 2
+    assert (out / "checkpoints" / "tiny").is_dir() and training["checkpoint"].startswith(str(out / "checkpoints"))
+    [evaluation] = metrics["evaluations"]
+    assert evaluation["setting"] == "tiny" and set(evaluation["accuracy"]) == {"clean", "FGSM", "worst case"}
+    assert not (out / "records.jsonl").exists()
+
+    assert run.main(["--notebook", str(notebook), "--out", str(out), "--profile", "paper"]) == 1
+    assert json.loads((out / "metrics.json").read_text())["trainings"][0]["how"] == "finished run loaded"
+
+
+def test_chapters_resolve_by_name_or_number():
+    assert run.chapter_notebook("armor") == run.chapter_notebook("4") == run.BOOK / "04_armor.ipynb"
+    assert set(run.CHAPTERS) == set(run.PROFILES), "every chapter with profiles can be run"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["nope"], "chapter must be one of"),
+    (["9"], "chapter must be one of"),
+    ([], "give a chapter or --notebook"),
+    (["armor", "--profile", "huge"], "--profile must be one of"),
+    (["--notebook", "missing.ipynb"], "is not a file"),
+])
+def test_bad_arguments_are_named(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        run.main(argv)
+    assert message in capsys.readouterr().err
