@@ -343,4 +343,7 @@ def sanity_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
         a_fixed = acc(fixed_model, atk(fixed_model, eps=eps, steps=steps, alpha=alpha, early_stop=False))
         checks.append(Check("fixed randomness: attack succeeds", a_fixed <= a_pgd + slack,
                             f"PGD on the fixed-randomness model {100 * a_fixed:.1f}% <= on the randomized one {100 * a_pgd:.1f}%"))
-    return SanityReport(checks, f"{norm} eps = {eps:g}, n = {len(y)}")
+    report = SanityReport(checks, f"{norm} eps = {eps:g}, n = {len(y)}")
+    record("sanity checks", setting=report.setting, passed=report.passed,
+           checks=[{"name": c.name, "status": report.status(c), "detail": c.detail} for c in checks])
+    return report

@@ -10,8 +10,8 @@ the profile, and writes to the output folder:
 - ``<chapter>.ipynb``: the executed notebook, saved after every cell;
 - ``figures/``: each figure of the notebook as a PNG, named by its cell (``cell-07.png``);
 - ``metrics.json``: the profile, versions, commit and device; each cell's time and error, if any;
-  every model trained (recipe, epochs, time) and every evaluation (setting, attacks, accuracies,
-  times), as the library recorded them while the notebook ran.
+  every model trained (recipe, epochs, time), every evaluation (setting, attacks, accuracies,
+  times) and every sanity-check report, as the library recorded them while the notebook ran.
 
 Running the same command again resumes: models whose checkpoints are complete are loaded, an
 interrupted training continues from its last finished epoch, and the evaluations run again.
@@ -102,11 +102,12 @@ def run_notebook(notebook: Path, out: Path, profile: str, cwd: Path, main: bool 
     nb = nbformat.read(notebook, as_version=4)
     stem = notebook.stem
     log = out / "records.jsonl"
-    os.environ.update({PROFILE_ENV: profile, RUNS_ENV: str(out / "checkpoints"), PROGRESS_ENV: "terminal"})
+    env = dict(os.environ, **{PROFILE_ENV: profile, RUNS_ENV: str(out / "checkpoints"), PROGRESS_ENV: "terminal"})
+    env.pop(METRICS_ENV, None)
     if main:
         out.mkdir(parents=True, exist_ok=True)
         log.unlink(missing_ok=True)
-        os.environ[METRICS_ENV] = str(log)
+        env[METRICS_ENV] = str(log)
     metrics = {"notebook": str(notebook), "profile": profile, "commit": commit(), "torch": torch.__version__,
                "python": platform.python_version(), "machine": platform.machine(),
                "gpus": torch.cuda.device_count(), "processes": int(os.environ.get("WORLD_SIZE", "1")),
@@ -114,7 +115,7 @@ def run_notebook(notebook: Path, out: Path, profile: str, cwd: Path, main: bool 
     client = NotebookClient(nb, timeout=None, kernel_name="python3", resources={"metadata": {"path": str(cwd)}},
                             record_timing=False, extra_arguments=["--IPKernelApp.capture_fd_output=False"])
     t_run = time.perf_counter()
-    with client.setup_kernel():
+    with client.setup_kernel(env=env):  # the kernel's environment only: this process's stays as it was
         code = [(i, c) for i, c in enumerate(nb.cells) if c.cell_type == "code"]
         for i, cell in progress(code, f"{stem} ({profile})", enabled=main):
             t0, error = time.perf_counter(), None
@@ -136,6 +137,7 @@ def run_notebook(notebook: Path, out: Path, profile: str, cwd: Path, main: bool 
     records = read_records(log)
     metrics["trainings"] = [r for r in records if r["kind"] == "training"]
     metrics["evaluations"] = [r for r in records if r["kind"] == "evaluation"]
+    metrics["sanity_checks"] = [r for r in records if r["kind"] == "sanity checks"]
     if main:
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         log.unlink(missing_ok=True)

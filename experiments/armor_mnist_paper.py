@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import time
 from functools import partial
 from pathlib import Path
@@ -25,6 +24,7 @@ from defenses_lib.data import balanced_subset, load_dataset
 from defenses_lib.defenses.armor import armor_losses
 from defenses_lib.evaluation import evaluate
 from defenses_lib.profiles import get_profile
+from defenses_lib.run import commit
 from defenses_lib.training import train_models
 
 
@@ -37,14 +37,6 @@ def attacks(P) -> dict:
     for e in P.eval_eps:
         out[f"{name} eps={e:g} (random start)"] = partial(pgd, eps=e, alpha=P.eval_alpha, steps=P.eval_steps)
     return out
-
-
-def commit() -> str:
-    """The repository's current commit, or 'unknown'."""
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main(argv=None) -> None:

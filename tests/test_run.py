@@ -1,6 +1,7 @@
 """The headless runner: a notebook runs with the chosen profile, writes its outputs, records its metrics and resumes."""
 
 import json
+import os
 
 import nbformat
 import pytest
@@ -12,7 +13,7 @@ from defenses_lib.training import RUNS_ENV
 
 CELLS = [
     "from functools import partial\nimport matplotlib.pyplot as plt\nimport torch\n"
-    "from defenses_lib.attacks import fgsm\nfrom defenses_lib.evaluation import evaluate\n"
+    "from defenses_lib.attacks import fgsm\nfrom defenses_lib.evaluation import evaluate, sanity_checks\n"
     "from defenses_lib.profiles import get_profile\nfrom defenses_lib.training import CrossEntropy, fit\n"
     "P = get_profile('foundations')\nprint('n_train', P.n_train)",
     "g = torch.Generator().manual_seed(0)\nx, y = torch.rand(64, 1, 6, 6, generator=g), torch.randint(0, 3, (64,), generator=g)\n"
@@ -20,6 +21,7 @@ CELLS = [
     "fit(model, torch.utils.data.TensorDataset(x, y), CrossEntropy(), chapter='tiny', name='linear', "
     "recipe={'data': 'random'}, epochs=2, batch_size=16, device='cpu')",
     "r = evaluate(model, x, y, {'FGSM': partial(fgsm, eps=0.1)}, setting='tiny')\nprint(r)",
+    "print(sanity_checks(model, x[:16], y[:16], eps=0.1, steps=2, n_queries=20, num_classes=3))",
     "plt.plot([0, 1], [1, 0])\nplt.show()",
     "assert False, 'a claim that fails at this scale'",
     "print('still running')",
@@ -29,9 +31,7 @@ CELLS = [
 
 
 @pytest.fixture
-def notebook(tmp_path, monkeypatch):
-    for key in (PROFILE_ENV, RUNS_ENV, METRICS_ENV, PROGRESS_ENV):  # the runner sets them; restore them after
-        monkeypatch.delenv(key, raising=False)
+def notebook(tmp_path):
     path = tmp_path / "tiny.ipynb"
     nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in CELLS]), path)
     return path
@@ -39,21 +39,25 @@ def notebook(tmp_path, monkeypatch):
 
 def test_runner_writes_notebook_figures_metrics_and_checkpoints_then_resumes(notebook, tmp_path):
     out = tmp_path / "out"
+    before = {key: os.environ.get(key) for key in (PROFILE_ENV, RUNS_ENV, METRICS_ENV, PROGRESS_ENV)}
     assert run.main(["--notebook", str(notebook), "--out", str(out), "--profile", "paper"]) == 1
+    assert {key: os.environ.get(key) for key in before} == before, "the settings reach the kernel, not this process"
     metrics = json.loads((out / "metrics.json").read_text())
     executed = nbformat.read(out / "tiny.ipynb", as_version=4)
     assert "n_train 60000" in executed.cells[0].outputs[0].text, "the paper profile reached the kernel"
-    assert executed.cells[5].outputs[0].text == "still running\n", "the run goes on after a failed cell"
-    assert metrics["errors"] == [{"cell": 4, "error": "AssertionError: a claim that fails at this scale"},
-                                 {"cell": 6, "error": "RuntimeError: a broken cell"}], "a failed claim goes on, an error stops"
-    assert metrics["profile"] == "paper" and [c["cell"] for c in metrics["cells"]] == list(range(7))
-    assert executed.cells[7].outputs == []
-    assert (out / "figures" / "cell-03.png").read_bytes()[:4] == b"\x89PNG"
+    assert executed.cells[6].outputs[0].text == "still running\n", "the run goes on after a failed cell"
+    assert metrics["errors"] == [{"cell": 5, "error": "AssertionError: a claim that fails at this scale"},
+                                 {"cell": 7, "error": "RuntimeError: a broken cell"}], "a failed claim goes on, an error stops"
+    assert metrics["profile"] == "paper" and [c["cell"] for c in metrics["cells"]] == list(range(8))
+    assert executed.cells[8].outputs == []
+    assert (out / "figures" / "cell-04.png").read_bytes()[:4] == b"\x89PNG"
     [training] = metrics["trainings"]
     assert training["how"] == "trained now" and len(training["history"]) == 2
     assert (out / "checkpoints" / "tiny").is_dir() and training["checkpoint"].startswith(str(out / "checkpoints"))
     [evaluation] = metrics["evaluations"]
     assert evaluation["setting"] == "tiny" and set(evaluation["accuracy"]) == {"clean", "FGSM", "worst case"}
+    [report] = metrics["sanity_checks"]
+    assert len(report["checks"]) == 5 and report["setting"] == "linf eps = 0.1, n = 16"
     assert not (out / "records.jsonl").exists()
 
     assert run.main(["--notebook", str(notebook), "--out", str(out), "--profile", "paper"]) == 1
