@@ -97,14 +97,24 @@ def read_records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
-def run_notebook(notebook: Path, out: Path, profile: str, cwd: Path, main: bool = True) -> dict:
-    """Execute ``notebook`` cell by cell with ``profile``, writing into ``out`` when ``main``; returns the metrics."""
+def run_cell(client: NotebookClient, cell, index: int) -> str | None:
+    """Execute one cell; its error as ``"Name: message"``, or None."""
+    try:
+        client.execute_cell(cell, index)
+    except CellExecutionError:
+        failed = next(o for o in cell.outputs if o.output_type == "error")
+        print(f"\ncell {index} failed: {failed.ename}: {failed.evalue}", file=sys.stderr)
+        return f"{failed.ename}: {failed.evalue}"
+    return None
+
+
+def run_notebook(notebook: Path, out: Path, profile: str, cwd: Path, writes: bool = True) -> dict:
+    """Execute ``notebook`` cell by cell with ``profile``, writing into ``out`` when ``writes``; returns the metrics."""
     nb = nbformat.read(notebook, as_version=4)
-    stem = notebook.stem
     log = out / "records.jsonl"
     env = dict(os.environ, **{PROFILE_ENV: profile, RUNS_ENV: str(out / "checkpoints"), PROGRESS_ENV: "terminal"})
     env.pop(METRICS_ENV, None)
-    if main:
+    if writes:
         out.mkdir(parents=True, exist_ok=True)
         log.unlink(missing_ok=True)
         env[METRICS_ENV] = str(log)
@@ -117,28 +127,23 @@ def run_notebook(notebook: Path, out: Path, profile: str, cwd: Path, main: bool 
     t_run = time.perf_counter()
     with client.setup_kernel(env=env):  # the kernel's environment only: this process's stays as it was
         code = [(i, c) for i, c in enumerate(nb.cells) if c.cell_type == "code"]
-        for i, cell in progress(code, f"{stem} ({profile})", enabled=main):
-            t0, error = time.perf_counter(), None
-            try:
-                client.execute_cell(cell, i)
-            except CellExecutionError:
-                failed = next(o for o in cell.outputs if o.output_type == "error")
-                error = f"{failed.ename}: {failed.evalue}"
+        for i, cell in progress(code, f"{notebook.stem} ({profile})", enabled=writes):
+            t0 = time.perf_counter()
+            error = run_cell(client, cell, i)
+            if error:
                 metrics["errors"].append({"cell": i, "error": error})
-                print(f"\ncell {i} failed: {error}", file=sys.stderr)
             metrics["cells"].append({"cell": i, "seconds": round(time.perf_counter() - t0, 2), "error": error,
-                                     "figures": save_figures(cell, i, out / "figures") if main else []})
-            if main:
+                                     "figures": save_figures(cell, i, out / "figures") if writes else []})
+            if writes:
                 clean(nb)
-                atomic_write(out / f"{stem}.ipynb", partial(nbformat.write, nb))
+                atomic_write(out / notebook.name, partial(nbformat.write, nb))
             if error and not error.startswith("AssertionError"):
                 break  # a broken cell, not a claim that failed: later cells would only fail after it
     metrics["seconds"] = round(time.perf_counter() - t_run, 1)
-    records = read_records(log)
-    metrics["trainings"] = [r for r in records if r["kind"] == "training"]
-    metrics["evaluations"] = [r for r in records if r["kind"] == "evaluation"]
-    metrics["sanity_checks"] = [r for r in records if r["kind"] == "sanity checks"]
-    if main:
+    records = read_records(log) if writes else []
+    for key, kind in (("trainings", "training"), ("evaluations", "evaluation"), ("sanity_checks", "sanity checks")):
+        metrics[key] = [r for r in records if r["kind"] == kind]
+    if writes:
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         log.unlink(missing_ok=True)
     return metrics
@@ -164,9 +169,9 @@ def main(argv=None) -> int:
     if not notebook.is_file():
         parser.error(f"--notebook {notebook} is not a file")
     out = (args.out or Path("runs") / f"{notebook.stem}-{args.profile}").resolve()
-    is_main = int(os.environ.get("RANK", "0")) == 0
+    is_main = int(os.environ.get("RANK", "0")) == 0  # under torchrun, only the first process writes
     metrics = run_notebook(notebook.resolve(), out, args.profile, cwd=BOOK.parent if args.notebook is None
-                           else notebook.resolve().parent, main=is_main)
+                           else notebook.resolve().parent, writes=is_main)
     if is_main:
         print(f"{notebook.name} ({args.profile}): {len(metrics['cells'])} cells in {metrics['seconds']:.0f} s, "
               f"{len(metrics['trainings'])} models trained or loaded, {len(metrics['evaluations'])} evaluations; "
