@@ -18,6 +18,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from .checks import check_choice
+
 NORMS = ("linf", "l2")
 LOSSES = ("ce", "margin", "dlr")
 
@@ -62,14 +64,13 @@ def check_inputs(x: torch.Tensor, y: torch.Tensor | None = None, eps: float | No
         raise ValueError(f"y must have shape ({x.shape[0]},) to match x, got {tuple(y.shape)}")
     if eps is not None and not (math.isfinite(eps) and eps >= 0):
         raise ValueError(f"eps must be a finite number >= 0, got {eps}")
-    if norm is not None and norm not in NORMS:
-        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    if norm is not None:
+        check_choice("norm", norm, NORMS)
 
 
 def attack_loss(logits: torch.Tensor, y: torch.Tensor, loss: str = "ce", targeted: bool = False) -> torch.Tensor:
     """Per-example loss the attacker maximises: cross-entropy, CW margin or DLR (Croce and Hein)."""
-    if loss not in LOSSES:
-        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    check_choice("loss", loss, LOSSES)
     if loss == "ce":
         out = F.cross_entropy(logits, y, reduction="none")
         return -out if targeted else out

@@ -11,6 +11,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from .checks import check_choice
+
 DIRECTIONS = ("sign", "random")
 
 
@@ -34,8 +36,7 @@ def unit(v: torch.Tensor) -> torch.Tensor:
 
 def direction(grad: torch.Tensor, kind: str = "sign", generator: torch.Generator | None = None) -> torch.Tensor:
     """A unit direction per example: CURE's normalised sign of the gradient, or a random Gaussian one."""
-    if kind not in DIRECTIONS:
-        raise ValueError(f"kind must be one of {DIRECTIONS}, got {kind!r}")
+    check_choice("kind", kind, DIRECTIONS)
     if kind == "sign":
         return unit(grad.detach().sign())
     return unit(torch.randn(grad.shape, generator=generator, device=grad.device))

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .checks import check_choice
+
 DATA_ENV = "DEFENSES_DATA"
 DATASETS = ("mnist", "cifar10", "cifar100", "imagenette")
 SPLITS = ("train", "test")
@@ -109,8 +111,7 @@ def load_dataset(name: str, split: str = "test", root=None, download: bool = Tru
     key = name.lower().replace("-", "")
     if key not in DATASETS:
         raise ValueError(f"name must be one of {DATASETS}, got {name!r}")
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    check_choice("split", split, SPLITS)
     base = data_root(root)
     loader = {"mnist": _mnist, "cifar10": _cifar10, "cifar100": _cifar100, "imagenette": _imagenette}[key]
     if key == "imagenette":

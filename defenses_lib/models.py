@@ -6,6 +6,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from .checks import check_choice
+
 # Per-channel mean and std of each data set's training images.
 STATS = {
     "mnist": ((0.1307,), (0.3081,)),
@@ -143,10 +145,8 @@ ARCHITECTURES = {
 
 def build_model(arch: str, dataset: str, num_classes: int | None = None) -> nn.Sequential:
     """``Normalize`` for ``dataset`` followed by the network ``arch``; takes [0, 1] images, returns logits."""
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"arch must be one of {sorted(ARCHITECTURES)}, got {arch!r}")
-    if dataset not in STATS:
-        raise ValueError(f"dataset must be one of {sorted(STATS)}, got {dataset!r}")
+    check_choice("arch", arch, sorted(ARCHITECTURES))
+    check_choice("dataset", dataset, sorted(STATS))
     mean, std = STATS[dataset]
     k = num_classes or (100 if dataset == "cifar100" else 10)
     return nn.Sequential(Normalize(mean, std), ARCHITECTURES[arch](len(mean), k, SIZES[dataset]))

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 
+from .checks import check_choice
+
 PROFILE_ENV = "DEFENSES_PROFILE"
 
 
@@ -173,8 +175,6 @@ PROFILES: dict[str, dict[str, dict]] = {
 def get_profile(chapter: str, name: str | None = None) -> Profile:
     """The settings of ``chapter`` for profile ``name`` (default: $DEFENSES_PROFILE, else 'quick')."""
     name = name or os.environ.get(PROFILE_ENV, "quick")
-    if chapter not in PROFILES:
-        raise ValueError(f"chapter must be one of {sorted(PROFILES)}, got {chapter!r}")
-    if name not in PROFILES[chapter]:
-        raise ValueError(f"profile must be one of {sorted(PROFILES[chapter])}, got {name!r}")
+    check_choice("chapter", chapter, sorted(PROFILES))
+    check_choice("profile", name, sorted(PROFILES[chapter]))
     return Profile(name=name, **PROFILES[chapter][name])

@@ -30,6 +30,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from ..attacks import rfgsm_k, signed_ascent
+from ..checks import check_choice
 from ..training import CrossEntropy, PGDAdversarialLoss
 
 DIVERGENCES = ("kl", "alpha")
@@ -74,12 +75,9 @@ class ArmorLoss(nn.Module):
                  domain: str = "continuous", positivity: str = "softplus", softplus_beta: float = 1.0,
                  lam_init: float = 1.0, nu_init: float = 1.0, lr: float | None = None):
         super().__init__()
-        if divergence not in DIVERGENCES:
-            raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
-        if domain not in DOMAINS:
-            raise ValueError(f"domain must be one of {DOMAINS}, got {domain!r}")
-        if positivity not in POSITIVITY:
-            raise ValueError(f"positivity must be one of {POSITIVITY}, got {positivity!r}")
+        check_choice("divergence", divergence, DIVERGENCES)
+        check_choice("domain", domain, DOMAINS)
+        check_choice("positivity", positivity, POSITIVITY)
         if not (math.isfinite(eps) and eps >= 0):
             raise ValueError(f"eps must be a finite number >= 0, got {eps}")
         if divergence == "alpha" and not alpha > 1:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from ..checks import check_choice
 from ..training import CrossEntropy, PGDAdversarialLoss
 
 SPACES = ("logit", "prob")
@@ -28,8 +29,7 @@ CENTERS = ("wrong", "authors")
 
 def _values(logits: torch.Tensor, y: torch.Tensor, space: str) -> torch.Tensor:
     """The logits or their softmax, after checking the space and the shapes."""
-    if space not in SPACES:
-        raise ValueError(f"space must be one of {SPACES}, got {space!r}")
+    check_choice("space", space, SPACES)
     if logits.dim() != 2 or y.shape != (logits.shape[0],):
         raise ValueError(f"logits must have shape (N, K) and y shape (N,), got {tuple(logits.shape)} and {tuple(y.shape)}")
     return logits if space == "logit" else logits.softmax(1)
@@ -55,8 +55,7 @@ def squared_deviations(logits: torch.Tensor, y: torch.Tensor, space: str = "logi
     by K; the sum then also grows with the wrong-class mean, (K-1) (mean / K)^2 more, and in logit
     space no longer equals its log-softmax value.
     """
-    if center not in CENTERS:
-        raise ValueError(f"center must be one of {CENTERS}, got {center!r}")
+    check_choice("center", center, CENTERS)
     values = _values(logits, y, space)
     k = logits.shape[1]
     wrong = 1.0 - F.one_hot(y, k).to(values.dtype)  # a mask rather than an index: no host sync in a training step
@@ -77,12 +76,9 @@ class DRSLLoss(nn.Module):
     def __init__(self, a: float = 1.0, b: float = 1.0, space: str = "logit", reduction: str = "mean",
                  center: str = "wrong"):
         super().__init__()
-        if space not in SPACES:
-            raise ValueError(f"space must be one of {SPACES}, got {space!r}")
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-        if center not in CENTERS:
-            raise ValueError(f"center must be one of {CENTERS}, got {center!r}")
+        check_choice("space", space, SPACES)
+        check_choice("reduction", reduction, REDUCTIONS)
+        check_choice("center", center, CENTERS)
         if a < 0 or b < 0:
             raise ValueError(f"a and b must be >= 0, got a={a}, b={b}")
         self.a, self.b, self.space, self.reduction, self.center = a, b, space, reduction, center

@@ -19,6 +19,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from ..attacks import check_inputs, fgsm, pgd
+from ..checks import check_choice
 from ..models import build_model
 from ..runtime import seed_everything
 from ..training import CrossEntropy, fit
@@ -39,8 +40,7 @@ class RandomTransform(nn.Module):
                  n_masks: int = 4, shared_mask: bool = False, generator: torch.Generator | None = None,
                  fixed_seed: int | None = None):
         super().__init__()
-        if kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        check_choice("kind", kind, KINDS)
         if block < 1 or not 0 <= missing_rate <= 1 or sigma < 0 or n_masks < 2:
             raise ValueError(f"need block >= 1, 0 <= missing_rate <= 1, sigma >= 0 and n_masks >= 2, got block={block}, "
                              f"missing_rate={missing_rate}, sigma={sigma}, n_masks={n_masks}")
@@ -187,8 +187,7 @@ class AToPLoss(nn.Module):
         check_inputs(torch.zeros(1, 1, 1, 1), eps=eps)
         for name, value, allowed in (("attack", attack, ("fgsm", "pgd")), ("victim", victim, ("classifier", "pipeline")),
                                      ("l1_target", l1_target, ("clean", "adversarial"))):
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+            check_choice(name, value, allowed)
         if lam < 0:
             raise ValueError(f"lam must be >= 0, got {lam}")
         self.eps, self.lam, self.attack, self.steps, self.victim, self.l1_target = eps, lam, attack, steps, victim, l1_target
