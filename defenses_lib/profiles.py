@@ -169,6 +169,21 @@ PROFILES: dict[str, dict[str, dict]] = {
             timing_repeat=50, explorer_n=6, seed=0,
         ),
     },
+    "comparison": {
+        "quick": dict(
+            dataset="mnist", arch="mnist_cnn", n_train=6_000, n_test=50, overrides={"smoothing": {"sigmas": (0.25,)}},
+            threats=(("linf", 0.1), ("linf", 0.3), ("l2", 2.0)), eval_steps=40, attack_draws=2, score_repeats=2,
+            aa_threat=("linf", 0.1), aa_version="custom", aa_attacks=("apgd-ce", "apgd-t"), aa_targets=2, aa_n=50,
+            cert_radii=(0.25, 0.5), sanity_threat=("linf", 0.1), sanity_n=50, square_queries=300, cost_batch=128, seed=0,
+        ),
+        "paper": dict(
+            dataset="cifar10", arch="resnet18", n_train=50_000, n_test=1_000, overrides={"smoothing": {"sigmas": (0.25,)}},
+            threats=(("linf", 2 / 255), ("linf", 8 / 255), ("l2", 0.5)), eval_steps=100, attack_draws=20, score_repeats=4,
+            aa_threat=("linf", 8 / 255), aa_version="custom", aa_attacks=("apgd-ce", "apgd-t"), aa_targets=9, aa_n=1_000,
+            cert_radii=(0.25, 0.5), sanity_threat=("linf", 8 / 255), sanity_n=500, square_queries=5_000, cost_batch=128,
+            seed=0,
+        ),
+    },
 }
 
 

@@ -48,7 +48,8 @@ from .training import RUNS_ENV
 
 BOOK = Path(__file__).resolve().parent.parent / "book"
 CHAPTERS = {"foundations": "00_foundations.ipynb", "ensembles": "01_ensembles.ipynb", "purification": "02_atop.ipynb",
-            "smoothing": "03_smoothing.ipynb", "armor": "04_armor.ipynb", "drsl": "05_drsl.ipynb"}
+            "smoothing": "03_smoothing.ipynb", "armor": "04_armor.ipynb", "drsl": "05_drsl.ipynb",
+            "comparison": "06_comparison.ipynb"}
 
 
 def chapter_notebook(chapter: str, book: Path = BOOK) -> Path:

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 from tqdm.auto import tqdm
 from tqdm.asyncio import tqdm as text_tqdm  # the class tqdm.auto builds on outside notebooks: see progress()
 
@@ -63,12 +65,49 @@ def progress(iterable, desc: str | None = None, enabled: bool = True, **kwargs):
     return tqdm(iterable, desc=desc, leave=False, **kwargs)
 
 
+RECORDS: list[dict] = []  # everything recorded in this process, in order (see records())
+
+
 def record(kind: str, **fields) -> None:
-    """Append ``{"kind": kind, **fields}`` as a JSON line to the file ``$DEFENSES_METRICS`` names, if any."""
+    """Keep ``{"kind": kind, **fields}`` in memory, and append it as a JSON line to the file ``$DEFENSES_METRICS`` names, if any."""
+    RECORDS.append({"kind": kind, **fields})
     path = os.environ.get(METRICS_ENV)
     if path:
         with open(path, "a") as f:
             f.write(json.dumps({"kind": kind, **fields}, default=str) + "\n")
+
+
+def records(kind: str, since: int = 0) -> list[dict]:
+    """The records of ``kind`` made in this process from position ``since`` of ``RECORDS`` on."""
+    return [r for r in RECORDS[since:] if r["kind"] == kind]
+
+
+class FlopCount(TorchDispatchMode):
+    """Counts the floating-point operations of the matrix products and convolutions run inside it,
+    forward and backward, as ``torch.utils.flop_counter`` counts them (elementwise work is not counted).
+
+    Unlike ``FlopCounterMode`` it tracks no modules, so it also counts ``torch.autograd.grad`` with
+    respect to inputs (attacks, Hessian-vector products).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        count = flop_registry.get(func._overloadpacket)
+        if count is not None:
+            self.flops += count(*args, **kwargs, out_val=out)
+        return out
+
+
+def count_flops(fn) -> int:
+    """The FLOPs (see :class:`FlopCount`) of one call of ``fn()``."""
+    with FlopCount() as counter:
+        fn()
+    return counter.flops
 
 
 def timeit(fn, repeat: int = 5, warmup: int = 1) -> float:

@@ -7,6 +7,7 @@ checkpoint: with the model's optimizer, or with Adam at ``loss_lr`` when that is
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -21,7 +22,7 @@ from torch.utils.data import DataLoader
 from . import distributed
 from .attacks import attack_mode, check_inputs, pgd, project
 from .models import build_model
-from .runtime import atomic_write, pick_device, progress, record, seed_everything, timeit
+from .runtime import FlopCount, atomic_write, pick_device, progress, record, seed_everything, timeit
 
 RUNS_ENV = "DEFENSES_RUNS"
 
@@ -184,23 +185,28 @@ def train(model: nn.Module, dataset, loss_fn, *, epochs: int, batch_size: int = 
 
 
 def _run_epoch(model, dataset, loss_fn, opts, extra, batch_size, seed, epoch, device, desc, show_progress) -> dict:
-    """One pass over the data (this process's slice of each batch); returns the mean loss, the examples seen and the wall time."""
+    """One pass over the data (this process's slice of each batch); returns the mean loss, the examples seen,
+    the wall time and the FLOPs per example of the epoch's first step (forward and backward, see ``FlopCount``)."""
     model.train()
-    total, seen, t0 = 0.0, 0, time.perf_counter()
+    total, seen, flops, t0 = 0.0, 0, None, time.perf_counter()
     bar = progress(_epoch_loader(dataset, batch_size, seed, epoch), desc, enabled=show_progress)
     for x, y in bar:
         x, y, share = distributed.shard(x.to(device), y.to(device))
-        loss = loss_fn(model, x, y)
-        for opt in opts:
-            opt.zero_grad(set_to_none=True)
-        (loss * share).backward()
+        with FlopCount() if flops is None else contextlib.nullcontext() as counter:
+            loss = loss_fn(model, x, y)
+            for opt in opts:
+                opt.zero_grad(set_to_none=True)
+            (loss * share).backward()
+        if flops is None:
+            flops = counter.flops / len(y)
         distributed.average_gradients(extra)
         for opt in opts:
             opt.step()
         total += loss.item() * len(y)
         seen += len(y)
         bar.set_postfix(loss=f"{total / seen:.3f}", refresh=False)
-    return {"epoch": epoch + 1, "loss": total / max(seen, 1), "examples": seen, "seconds": time.perf_counter() - t0}
+    return {"epoch": epoch + 1, "loss": total / max(seen, 1), "examples": seen, "seconds": time.perf_counter() - t0,
+            "flops_per_example": flops}
 
 
 def fit(model: nn.Module, dataset, loss_fn, *, chapter: str, name: str, recipe: dict, epochs: int,

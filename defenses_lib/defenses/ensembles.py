@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from ..attacks import log_mean_softmax
 from ..curvature import direction as unit_direction, hvp_fd, loss_and_gradient
+from ..checks import check_choice
 from ..models import build_model
 from ..runtime import seed_everything
 from ..training import fit
@@ -130,8 +131,9 @@ def ensemble_losses(P) -> dict[str, nn.Module]:
     }
 
 
-def train_ensembles(P, train_set, device=None, chapter: str = "ensembles") -> dict[str, Ensemble]:
-    """Chapter 1's recipe: pre-train P.members members independently, then fine-tune a copy with each loss.
+def train_ensembles(P, train_set, device=None, chapter: str = "ensembles", names=None) -> dict[str, Ensemble]:
+    """Chapter 1's recipe: pre-train P.members members independently, then fine-tune a copy with each loss
+    (each of ``names`` only, when given).
 
     All three ensembles start from the same pre-trained members and get the same number of
     fine-tuning epochs, so they differ only in the fine-tuning loss. The first key is the
@@ -145,7 +147,9 @@ def train_ensembles(P, train_set, device=None, chapter: str = "ensembles") -> di
               epochs=P.epochs_pretrain, **kw)
     init = dict(recipe, epochs=P.epochs_pretrain, batch_size=P.batch_size, lr=P.lr)  # names the starting point
     out = {"pre-trained": pre}
-    for name, loss in ensemble_losses(P).items():
-        out[name] = fit(copy.deepcopy(pre), train_set, loss, chapter=chapter, name=name, recipe=dict(recipe, init=init),
+    losses = ensemble_losses(P)
+    for name in losses if names is None else names:
+        check_choice("names", name, list(losses))
+        out[name] = fit(copy.deepcopy(pre), train_set, losses[name], chapter=chapter, name=name, recipe=dict(recipe, init=init),
                         epochs=P.epochs_finetune, **dict(kw, seed=P.seed + 1))
     return out

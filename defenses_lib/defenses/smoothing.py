@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -393,11 +394,23 @@ def certify_variational(model: VariationalSmoothing, x: torch.Tensor, radii, n0:
     return Certificate(pred, radius, p_min, sig, n, alpha, timings)
 
 
+def fewer_draws(model: nn.Module, draws: int, median_draws: int | None = None) -> nn.Module:
+    """The same smoothed defense (shared weights) averaging fewer draws: what an EOT attacker differentiates."""
+    if draws < 1 or (median_draws is not None and median_draws < 1):
+        raise ValueError(f"draws and median_draws must be >= 1, got draws={draws}, median_draws={median_draws}")
+    attacker = copy.copy(model)
+    attacker.draws = draws
+    if median_draws is not None and hasattr(attacker, "median_draws"):
+        attacker.median_draws = median_draws
+    return attacker
+
+
 def train_smoothing(P, train_set, device=None, chapter: str = "smoothing") -> dict[str, nn.Module]:
     """Chapter 3's recipe: one base classifier trained with Gaussian noise per sigma in ``P.sigmas``, and the
     variational model (classifier and selector trained jointly) from the same initialisation.
 
-    Returns {"sigma=0.12": base classifier, ..., "variational": VariationalSmoothing at sigma_t = P.sigmas[1]}.
+    Returns {"sigma=0.12": base classifier, ..., "variational": VariationalSmoothing at sigma_t = the middle
+    one of ``P.sigmas``}.
     """
     recipe = {k: P[k] for k in ("dataset", "arch", "n_train", "seed")}
     kw = dict(batch_size=P.batch_size, lr=P.lr, seed=P.seed, device=device)
@@ -408,7 +421,7 @@ def train_smoothing(P, train_set, device=None, chapter: str = "smoothing") -> di
                                          chapter=chapter, name=f"gaussian-{sigma:g}", recipe=recipe, epochs=P.epochs, **kw)
     seed_everything(P.seed)
     selector = NoiseSelector(train_set[0][0].shape[0], P.selector_width, P.sigma_min, P.sigma_max)
-    model = VariationalSmoothing(build_model(P.arch, P.dataset), selector, P.sigmas[1], P.smooth_draws, P.median_draws,
+    model = VariationalSmoothing(build_model(P.arch, P.dataset), selector, P.sigmas[len(P.sigmas) // 2], P.smooth_draws, P.median_draws,
                                  P.sigma_h, P.levels)
     loss = VariationalSmoothingLoss(P.sigma_t_range, P.train_draws, P.beta, P.tau)
     models["variational"] = fit(model, train_set, loss, chapter=chapter, name="variational",
