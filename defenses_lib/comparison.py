@@ -64,66 +64,86 @@ def _trained(fn):
     return fn(), records("training", mark)
 
 
+CHAPTERS = ("foundations", "ensembles", "purification", "smoothing", "armor", "drsl")
+ORDER = ("standard", "PGD-AT", "TRADES", "DLC ensemble", "AToP", "Gaussian smoothing", "variational smoothing",
+         "ARMOR_D (KL)", "DRSL")
+
+
 def build_defenses(P, train_set, device=None) -> dict[str, Defense]:
-    """Train (or load) every defense of the comparison with its chapter's recipe; see the module's docstring."""
-    R = {c: recipe_profile(P, c) for c in ("foundations", "ensembles", "purification", "smoothing", "armor", "drsl")}
+    """Train (or load) every defense of the comparison with its chapter's recipe; see the module's docstring.
+
+    Randomized defenses predict with their chapter's number of draws; the attacker differentiates
+    ``P.attack_draws`` of them per step (EOT) and each example is scored by ``P.score_repeats`` predictions.
+    """
+    R = {c: recipe_profile(P, c) for c in CHAPTERS}
+    built = {}
+    for build in (_single_networks, _ensemble, _purification, _smoothing):
+        built.update(build(P, R, train_set, device))
+    return {name: built[name] for name in ORDER}
+
+
+def _single_networks(P, R, train_set, device) -> dict[str, Defense]:
+    """Chapter 0's baselines and the one-network defenses of chapters 4 and 5, on chapter 5's schedule
+    (ARMOR_D on chapter 4's); chapter 5's "CE" and "PGD-AT" are chapter 0's standard training and PGD-AT."""
+    d, f, a = R["drsl"], R["foundations"], R["armor"]
+    losses = drsl_losses(d)
+    trades = TradesLoss(f.train_eps, beta=f.trades_beta, steps=f.train_steps, alpha=f.train_alpha)
+    jobs = [("standard", "drsl", "CE", losses["CE"], d, d.epochs, False),
+            ("PGD-AT", "drsl", "PGD-AT", losses["PGD-AT"], d, d.epochs, False),
+            ("TRADES", "foundations", "TRADES", trades, d, f.epochs_at, False),
+            ("ARMOR_D (KL)", "armor", "ARMOR_D KL", armor_losses(a)["ARMOR_D KL"], a, a.epochs, True),
+            ("DRSL", "drsl", "DRSL", losses["DRSL"], d, d.epochs, True)]
     out = {}
-
-    # Randomized defenses predict with their chapter's number of draws; the attacker differentiates
-    # P.attack_draws of them per step (EOT) and each example is scored by P.score_repeats predictions.
-
-    def single(name, chapter, key, loss, Q, epochs, headline=False):
-        """One network trained by ``train_models`` with ``Q``'s schedule, checkpointed in ``chapter``'s folder;
-        ``headline``: the chapter's own defense, which that chapter checks for gradient masking."""
+    for name, chapter, key, loss, Q, epochs, headline in jobs:   # headline: the defense its chapter checks
         models, tr = _trained(lambda: train_models(Q, train_set, {key: loss}, arch=P.arch, epochs=epochs,
                                                    chapter=chapter, device=device))
         out[name] = Defense(name, chapter, models[key], tr, checked_in_chapter=headline and _is_chapters_own(P, chapter))
+    return out
 
-    d = R["drsl"]    # chapter 5's schedule; its "CE" and "PGD-AT" are chapter 0's standard training and PGD-AT
-    losses = drsl_losses(d)
-    single("standard", "drsl", "CE", losses["CE"], d, d.epochs)
-    single("PGD-AT", "drsl", "PGD-AT", losses["PGD-AT"], d, d.epochs)
-    f = R["foundations"]
-    single("TRADES", "foundations", "TRADES",
-           TradesLoss(f.train_eps, beta=f.trades_beta, steps=f.train_steps, alpha=f.train_alpha), d, f.epochs_at)
 
-    e = R["ensembles"]
-    ens, tr = _trained(lambda: train_ensembles(e, train_set, device, names=("DLC",)))
-    out["DLC ensemble"] = Defense("DLC ensemble", "ensembles", ens["DLC"], tr)
+def _ensemble(P, R, train_set, device) -> dict[str, Defense]:
+    """Chapter 1's DLC ensemble (pre-trained members, then DLC fine-tuning)."""
+    ens, tr = _trained(lambda: train_ensembles(R["ensembles"], train_set, device, names=("DLC",)))
+    return {"DLC ensemble": Defense("DLC ensemble", "ensembles", ens["DLC"], tr)}
 
+
+def _purification(P, R, train_set, device) -> dict[str, Defense]:
+    """Chapter 2's AToP pipeline, predicting as an EOT average over its random transforms."""
     p = R["purification"]
     pur, tr = _trained(lambda: train_purification(p, train_set, device))
-    out["AToP"] = Defense("AToP", "purification", EOT(pur["AToP"], p.eot_draws), tr,
-                          attack_model=EOT(pur["AToP"], P.attack_draws), repeats=P.score_repeats,
-                          fixed_model=pur["AToP"].with_fixed_randomness(P.seed),
-                          checked_in_chapter=_is_chapters_own(P, "purification"))
+    atop = pur["AToP"]
+    return {"AToP": Defense("AToP", "purification", EOT(atop, p.eot_draws), tr, attack_model=EOT(atop, P.attack_draws),
+                            repeats=P.score_repeats, fixed_model=atop.with_fixed_randomness(P.seed),
+                            checked_in_chapter=_is_chapters_own(P, "purification"))}
 
+
+def _smoothing(P, R, train_set, device) -> dict[str, Defense]:
+    """Chapter 3's Gaussian smoothing (Cohen et al.) and variational smoothing at the same sigma, each with its certificate."""
     s = R["smoothing"]
     sm, tr = _trained(lambda: train_smoothing(s, train_set, device))
     sigma = s.sigmas[len(s.sigmas) // 2]
     gen = lambda: torch.Generator().manual_seed(P.seed)
     base = sm[f"sigma={sigma:g}"]
     cohen = SmoothedClassifier(base, sigma, s.smooth_draws)
-    out["Gaussian smoothing"] = Defense(
-        "Gaussian smoothing", "smoothing", cohen, [r for r in tr if r["name"] == f"gaussian-{sigma:g}"],
-        attack_model=fewer_draws(cohen, P.attack_draws), repeats=P.score_repeats,
-        certify=lambda x: certify(base, x, sigma, n0=s.n0, n=s.n, alpha=s.alpha, generator=gen()),
-        fixed_model=FixedRandomness(cohen, P.seed))
     var = sm["variational"].with_target(sigma)
 
     def certify_var(x):
-        torch.manual_seed(P.seed)   # the selector's draws
+        """The chapter's certificate for a sample-wise sigma, selector draws seeded."""
+        torch.manual_seed(P.seed)
         return certify_variational(var, x, P.cert_radii, n0=s.n0, n=s.n, alpha=s.alpha,
                                    selector_draws=s.selector_draws, generator=gen())
-    out["variational smoothing"] = Defense(
-        "variational smoothing", "smoothing", var, [r for r in tr if r["name"] == "variational"],
-        attack_model=fewer_draws(var, P.attack_draws, s.attack_median_draws), repeats=P.score_repeats,
-        certify=certify_var, fixed_model=FixedRandomness(var, P.seed))
 
-    a = R["armor"]
-    single("ARMOR_D (KL)", "armor", "ARMOR_D KL", armor_losses(a)["ARMOR_D KL"], a, a.epochs, headline=True)
-    single("DRSL", "drsl", "DRSL", losses["DRSL"], d, d.epochs, headline=True)
-    return out
+    return {
+        "Gaussian smoothing": Defense(
+            "Gaussian smoothing", "smoothing", cohen, [r for r in tr if r["name"] == f"gaussian-{sigma:g}"],
+            attack_model=fewer_draws(cohen, P.attack_draws), repeats=P.score_repeats,
+            certify=lambda x: certify(base, x, sigma, n0=s.n0, n=s.n, alpha=s.alpha, generator=gen()),
+            fixed_model=FixedRandomness(cohen, P.seed)),
+        "variational smoothing": Defense(
+            "variational smoothing", "smoothing", var, [r for r in tr if r["name"] == "variational"],
+            attack_model=fewer_draws(var, P.attack_draws, s.attack_median_draws), repeats=P.score_repeats,
+            certify=certify_var, fixed_model=FixedRandomness(var, P.seed)),
+    }
 
 
 def threat_attacks(P, threat: tuple[str, float]) -> dict:
