@@ -19,8 +19,8 @@ from torch import nn
 import torch.nn.functional as F
 
 from ..attacks import log_mean_softmax
-from ..curvature import direction as unit_direction, hvp_fd, loss_and_gradient
 from ..checks import check_choice
+from ..curvature import direction as unit_direction, hvp_fd, loss_and_gradient
 from ..models import build_model
 from ..runtime import seed_everything
 from ..training import fit

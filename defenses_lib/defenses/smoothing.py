@@ -421,8 +421,8 @@ def train_smoothing(P, train_set, device=None, chapter: str = "smoothing") -> di
                                          chapter=chapter, name=f"gaussian-{sigma:g}", recipe=recipe, epochs=P.epochs, **kw)
     seed_everything(P.seed)
     selector = NoiseSelector(train_set[0][0].shape[0], P.selector_width, P.sigma_min, P.sigma_max)
-    model = VariationalSmoothing(build_model(P.arch, P.dataset), selector, P.sigmas[len(P.sigmas) // 2], P.smooth_draws, P.median_draws,
-                                 P.sigma_h, P.levels)
+    model = VariationalSmoothing(build_model(P.arch, P.dataset), selector, P.sigmas[len(P.sigmas) // 2], P.smooth_draws,
+                                 P.median_draws, P.sigma_h, P.levels)
     loss = VariationalSmoothingLoss(P.sigma_t_range, P.train_draws, P.beta, P.tau)
     models["variational"] = fit(model, train_set, loss, chapter=chapter, name="variational",
                                 recipe=dict(recipe, selector=repr(selector), sigma_h=P.sigma_h), epochs=P.epochs, **kw)
