@@ -43,7 +43,7 @@ class Defense:
     attack_model: nn.Module | None = None   # what the attacker differentiates (None: the model itself)
     repeats: int = 1                    # predictions each example is scored by (randomized defenses)
     certify: Callable | None = None     # x -> Certificate, for a defense that certifies
-    fixed_model: nn.Module | None = None    # the defense with its randomness fixed (sanity check 5)
+    fixed_model: nn.Module | None = None    # the attack model with its randomness fixed (sanity check 5)
     checked_in_chapter: bool = False    # the chapter ran the sanity checks on this very model (same recipe)
 
 
@@ -118,7 +118,12 @@ def _purification(P, R, train_set, device) -> dict[str, Defense]:
 
 
 def _smoothing(P, R, train_set, device) -> dict[str, Defense]:
-    """Chapter 3's Gaussian smoothing (Cohen et al.) and variational smoothing at the same sigma, each with its certificate."""
+    """Chapter 3's Gaussian smoothing (Cohen et al.) and variational smoothing at the same sigma, each with its certificate.
+
+    The fifth sanity check attacks what the attacker differentiates with its noise frozen (``P.attack_draws``
+    fixed draws, as chapter 2 freezes AToP's transform), not all the prediction's draws frozen: the check asks
+    whether exact gradients break the deterministic machinery, and the full draw count would cost 8 times more.
+    """
     s = R["smoothing"]
     sm, tr = _trained(lambda: train_smoothing(s, train_set, device))
     sigma = s.sigmas[len(s.sigmas) // 2]
@@ -126,6 +131,7 @@ def _smoothing(P, R, train_set, device) -> dict[str, Defense]:
     base = sm[f"sigma={sigma:g}"]
     cohen = SmoothedClassifier(base, sigma, s.smooth_draws)
     var = sm["variational"].with_target(sigma)
+    cohen_atk, var_atk = fewer_draws(cohen, P.attack_draws), fewer_draws(var, P.attack_draws, s.attack_median_draws)
 
     def certify_var(x):
         """The chapter's certificate for a sample-wise sigma, selector draws seeded."""
@@ -136,13 +142,12 @@ def _smoothing(P, R, train_set, device) -> dict[str, Defense]:
     return {
         "Gaussian smoothing": Defense(
             "Gaussian smoothing", "smoothing", cohen, [r for r in tr if r["name"] == f"gaussian-{sigma:g}"],
-            attack_model=fewer_draws(cohen, P.attack_draws), repeats=P.score_repeats,
+            attack_model=cohen_atk, repeats=P.score_repeats,
             certify=lambda x: certify(base, x, sigma, n0=s.n0, n=s.n, alpha=s.alpha, generator=gen()),
-            fixed_model=FixedRandomness(cohen, P.seed)),
+            fixed_model=FixedRandomness(cohen_atk, P.seed)),
         "variational smoothing": Defense(
             "variational smoothing", "smoothing", var, [r for r in tr if r["name"] == "variational"],
-            attack_model=fewer_draws(var, P.attack_draws, s.attack_median_draws), repeats=P.score_repeats,
-            certify=certify_var, fixed_model=FixedRandomness(var, P.seed)),
+            attack_model=var_atk, repeats=P.score_repeats, certify=certify_var, fixed_model=FixedRandomness(var_atk, P.seed)),
     }
 
 
