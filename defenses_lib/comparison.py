@@ -122,7 +122,8 @@ def _smoothing(P, R, train_set, device) -> dict[str, Defense]:
 
     The fifth sanity check attacks what the attacker differentiates with its noise frozen (``P.attack_draws``
     fixed draws, as chapter 2 freezes AToP's transform), not all the prediction's draws frozen: the check asks
-    whether exact gradients break the deterministic machinery, and the full draw count would cost 8 times more.
+    whether exact gradients break the deterministic machinery, and freezing all of a prediction's draws would
+    multiply its cost by their ratio (16 / 2 in the quick profile).
     """
     s = R["smoothing"]
     sm, tr = _trained(lambda: train_smoothing(s, train_set, device))
