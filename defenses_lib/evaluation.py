@@ -8,6 +8,7 @@ is one.
 from __future__ import annotations
 
 import html
+import math
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -196,13 +197,13 @@ def square_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
 
 
 def table_html(rows: dict[str, dict[str, float]], caption: str = "", digits: int = 1) -> str:
-    """A small HTML table from {row: {column: value}}."""
+    """A small HTML table from {row: {column: value}}; a NaN shows as a dash (not defined)."""
     cols = list(dict.fromkeys(c for r in rows.values() for c in r))
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
     body = "".join(
         "<tr><th>" + html.escape(str(r)) + "</th>"
-        + "".join(f"<td>{v:.{digits}f}</td>" if isinstance(v, float) else f"<td>{html.escape(str(v))}</td>"
-                  for v in (vals.get(c, "") for c in cols)) + "</tr>"
+        + "".join(("<td>–</td>" if math.isnan(v) else f"<td>{v:.{digits}f}</td>") if isinstance(v, float)
+                  else f"<td>{html.escape(str(v))}</td>" for v in (vals.get(c, "") for c in cols)) + "</tr>"
         for r, vals in rows.items())
     cap = f"<caption>{html.escape(caption)}</caption>" if caption else ""
     return f"<table>{cap}<thead><tr><th></th>{head}</tr></thead><tbody>{body}</tbody></table>"

@@ -128,17 +128,28 @@ def timeit(fn, repeat: int = 5, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-def compare_times(fns: dict, repeat: int = 5, warmup: int = 1) -> dict:
-    """The fastest wall time in seconds of each ``fns[name]()``, timed in interleaved rounds.
+def timing_rounds(fns: dict, rounds: int = 5, repeat: int = 1, warmup: int = 1) -> dict[str, list[float]]:
+    """Each ``fns[name]()``'s wall time in seconds in every one of ``rounds`` interleaved rounds.
 
-    Each round calls every function once, in turn, so that a burst of load on a shared machine
-    slows all of them alike instead of whichever happened to be timed during it.
+    Each round times every function in turn (the median of ``repeat`` calls), so that a burst of load
+    on a shared machine slows all of them alike instead of whichever happened to be timed during it;
+    paired rounds also give the spread of the ratio of two functions' times.
     """
-    if repeat < 1 or warmup < 0:
-        raise ValueError(f"repeat must be >= 1 and warmup >= 0, got repeat={repeat}, warmup={warmup}")
-    rounds = [{name: timeit(fn, repeat=1, warmup=warmup if i == 0 else 0) for name, fn in fns.items()}
-              for i in range(repeat)]
-    return {name: min(r[name] for r in rounds) for name in fns}
+    if rounds < 1 or repeat < 1 or warmup < 0:
+        raise ValueError(f"rounds and repeat must be >= 1 and warmup >= 0, got rounds={rounds}, repeat={repeat}, "
+                         f"warmup={warmup}")
+    out = {name: [] for name in fns}
+    for i in range(rounds):
+        for name, fn in fns.items():
+            out[name].append(timeit(fn, repeat=repeat, warmup=warmup if i == 0 else 0))
+    return out
+
+
+def compare_times(fns: dict, repeat: int = 5, warmup: int = 1) -> dict:
+    """The fastest wall time in seconds of each ``fns[name]()`` over ``repeat`` interleaved rounds (see ``timing_rounds``)."""
+    if repeat < 1:
+        raise ValueError(f"repeat must be >= 1, got repeat={repeat}")
+    return {name: min(t) for name, t in timing_rounds(fns, rounds=repeat, warmup=warmup).items()}
 
 
 def atomic_write(path: str | os.PathLike, write) -> None:

@@ -7,7 +7,7 @@ import torch
 
 from defenses_lib import evaluation
 from defenses_lib.attacks import fgsm, pgd
-from defenses_lib.evaluation import FixedRandomness, autoattack, curve, eps_sweep, evaluate, is_randomized, sanity_checks
+from defenses_lib.evaluation import FixedRandomness, autoattack, curve, eps_sweep, evaluate, is_randomized, sanity_checks, table_html
 
 
 def test_worst_case_is_per_example(mnist_small):
@@ -125,3 +125,9 @@ def test_fixed_randomness_makes_a_noisy_model_deterministic_and_leaves_the_rng_a
     out = fixed(x[:8])
     assert torch.equal(torch.rand(1), before)  # the global generator is where it was
     assert torch.equal(out, fixed(x[:8])) and not is_randomized(fixed, x[:8]) and is_randomized(Noisy(model), x[:8])
+
+
+def test_table_html_formats_floats_and_shows_nan_as_a_dash():
+    html = table_html({"a": {"x": 1.25, "y": float("nan")}, "b": {"x": "n/a"}}, caption="c", digits=1)
+    assert "<caption>c</caption>" in html and "<td>1.2</td>" in html and "<td>–</td>" in html
+    assert "nan" not in html and "<td>n/a</td><td></td>" in html

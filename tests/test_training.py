@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from defenses_lib.data import ImageDataset
-from defenses_lib.runtime import compare_times, pick_device, timeit
+from defenses_lib.runtime import compare_times, pick_device, timeit, timing_rounds
 from defenses_lib.training import (CrossEntropy, PGDAdversarialLoss, TradesLoss, atomic_save, fit, load_checkpoint,
                                    recipe_hash, step_time, train)
 
@@ -171,6 +171,17 @@ def test_compare_times_interleaves_its_rounds_and_keeps_the_fastest():
     assert times["slow"] >= 0.02 > times["fast"]
     with pytest.raises(ValueError, match="repeat"):
         compare_times({"a": lambda: None}, repeat=0)
+
+
+def test_timing_rounds_pairs_every_round_and_times_the_median_of_each():
+    calls = []
+    times = timing_rounds({"a": lambda: calls.append("a"), "b": lambda: (calls.append("b"), time.sleep(0.01))},
+                          rounds=4, repeat=3, warmup=0)
+    assert calls == (["a"] * 3 + ["b"] * 3) * 4
+    assert [len(t) for t in times.values()] == [4, 4]
+    assert all(b >= 0.01 > a for a, b in zip(times["a"], times["b"]))
+    with pytest.raises(ValueError, match="rounds"):
+        timing_rounds({"a": lambda: None}, rounds=0)
 
 
 @pytest.mark.parametrize("env", [{"TQDM_DISABLE": "1"}, {"DEFENSES_PROGRESS": "terminal"}])
