@@ -46,6 +46,11 @@ class Defense:
     fixed_model: nn.Module | None = None    # the attack model with its randomness fixed (sanity check 5)
     checked_in_chapter: bool = False    # the chapter ran the sanity checks on this very model (same recipe)
 
+    @property
+    def randomized(self) -> bool:
+        """Whether its prediction is random (such a defense has a fixed-randomness twin for sanity check 5)."""
+        return self.fixed_model is not None
+
 
 def recipe_profile(P, chapter: str) -> Profile:
     """``chapter``'s own profile of the same name as ``P``, with ``P``'s data, network and overrides for it."""
@@ -168,20 +173,41 @@ def threat_name(threat) -> str:
 
 
 def aa_name(P) -> str:
-    """The AutoAttack cross-check's column name."""
-    return f"AutoAttack ({', '.join(P.aa_attacks)}), {threat_name(P.aa_threat)}, first {P.aa_n}"
+    """The AutoAttack cross-check's column name (its attacks depend on the defense: see ``aa_settings``)."""
+    return f"AutoAttack, {threat_name(P.aa_threat)}, first {P.aa_n}"
+
+
+def aa_settings(P, randomized: bool) -> dict:
+    """AutoAttack's version and attacks for a deterministic or a randomized defense.
+
+    A randomized defense meets the attacks of AutoAttack's ``rand`` version (APGD-CE and APGD-DLR), run
+    on its attack model, whose output already averages ``P.attack_draws`` draws: that average is the
+    expectation over transformation the ``rand`` version takes with its own 20 draws per step, so
+    running ``rand`` on it would multiply the draws. A deterministic one meets ``P.aa_version``.
+    """
+    if randomized:
+        return dict(version="custom", attacks=P.aa_rand_attacks)
+    return dict(version=P.aa_version, attacks=P.aa_attacks, n_target_classes=P.aa_targets)
+
+
+def aa_description(P, randomized: bool) -> str:
+    """What AutoAttack runs on such a defense, in words."""
+    s = aa_settings(P, randomized)
+    attacks = ", ".join(s["attacks"]) if s["attacks"] else f"the {s['version']} version"
+    targets = f", {s['n_target_classes']} target classes" if s.get("n_target_classes") else ""
+    eot = f", each step through the {P.attack_draws}-draw average" if randomized else ""
+    return f"AutoAttack ({attacks}{targets}{eot}), {threat_name(P.aa_threat)}, first {P.aa_n} examples"
 
 
 def evaluate_defense(P, defense: Defense, x: torch.Tensor, y: torch.Tensor) -> dict:
     """One defense's ``RobustResult`` at every threat (all of x), and AutoAttack's at ``P.aa_threat`` on the first
-    ``P.aa_n`` examples (key ``aa_name(P)``), each example scored as the defense predicts."""
+    ``P.aa_n`` examples (key ``aa_name(P)``, attacks by ``aa_settings``), each example scored as the defense predicts."""
     torch.manual_seed(P.seed)
     out = {threat_name(t): evaluate(defense.model, x, y, threat_attacks(P, t), setting=f"{defense.name}, {threat_name(t)}",
                                     attack_model=defense.attack_model, repeats=defense.repeats)
            for t in P.threats}
     norm, eps = P.aa_threat
-    aa = partial(autoattack, eps=eps, norm=norm, version=P.aa_version, attacks=P.aa_attacks,
-                 n_target_classes=P.aa_targets, seed=P.seed)
+    aa = partial(autoattack, eps=eps, norm=norm, seed=P.seed, **aa_settings(P, defense.randomized))
     out[aa_name(P)] = evaluate(defense.model, x[:P.aa_n], y[:P.aa_n], {"AutoAttack": aa},
                                setting=f"{defense.name}, {aa_name(P)}", attack_model=defense.attack_model,
                                repeats=defense.repeats)

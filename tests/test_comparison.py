@@ -6,8 +6,10 @@ import torch
 from torch import nn
 
 from defenses_lib.attacks import EOT
-from defenses_lib.comparison import (COMMON, Defense, aa_name, inference_cost, recipe_profile, standard_costs,
-                                     threat_attacks, threat_name, training_cost, worst_case)
+from defenses_lib import comparison
+from defenses_lib.comparison import (COMMON, Defense, aa_description, aa_name, evaluate_defense, inference_cost,
+                                     recipe_profile, standard_costs, threat_attacks, threat_name, training_cost,
+                                     worst_case)
 from defenses_lib.evaluation import RobustResult
 from defenses_lib.defenses.ensembles import train_ensembles
 from defenses_lib.defenses.smoothing import SmoothedClassifier, fewer_draws
@@ -80,7 +82,26 @@ def test_every_defense_meets_the_same_attacks_at_every_threat():
     for t in P.threats:
         assert list(threat_attacks(P, t)) == [f"CE-PGD-{P.eval_steps}", f"margin-PGD-{P.eval_steps}"]
     assert threat_name(("linf", 0.1)) == "l_inf 0.1" and threat_name(("l2", 2.0)) == "l_2 2"
-    assert aa_name(P).startswith("AutoAttack (apgd-ce, apgd-t), l_inf 0.1, first")
+    assert aa_name(P) == f"AutoAttack, l_inf 0.1, first {P.aa_n}"
+
+
+@pytest.mark.parametrize("profile", ["quick", "paper"])
+def test_autoattack_meets_a_randomized_defense_with_the_rand_versions_attacks_through_its_eot_model(profile, monkeypatch):
+    P = type(get_profile("comparison", profile))({**get_profile("comparison", profile), "threats": (), "aa_n": 2})
+    seen = {}
+    monkeypatch.setattr(comparison, "evaluate", lambda model, x, y, attacks, **kw: seen.update(attacks=attacks, **kw))
+    net = nn.Sequential(nn.Flatten(), nn.Linear(4, 10))
+    x, y = torch.rand(2, 1, 2, 2), torch.tensor([0, 1])
+    eot = EOT(net, 2)
+    randomized = Defense("r", "smoothing", net, [], attack_model=eot, repeats=2, fixed_model=net)
+    evaluate_defense(P, randomized, x, y)
+    aa = seen["attacks"]["AutoAttack"].keywords
+    assert (aa["version"], aa["attacks"]) == ("custom", ("apgd-ce", "apgd-dlr")) and seen["attack_model"] is eot
+    assert f"through the {P.attack_draws}-draw average" in aa_description(P, True)
+    evaluate_defense(P, Defense("d", "drsl", net, []), x, y)
+    aa = seen["attacks"]["AutoAttack"].keywords
+    assert (aa["version"], aa["attacks"], aa["n_target_classes"]) == (P.aa_version, P.aa_attacks, P.aa_targets)
+    assert aa["version"] == ("custom" if profile == "quick" else "standard")
 
 
 def test_worst_case_takes_autoattack_into_account_on_the_examples_it_ran_on():
