@@ -7,9 +7,10 @@ from torch import nn
 
 from defenses_lib.attacks import EOT
 from defenses_lib import comparison
-from defenses_lib.comparison import (COMMON, Defense, aa_description, aa_name, evaluate_defense, inference_cost,
-                                     recipe_profile, standard_costs, threat_attacks, threat_name, training_cost,
-                                     worst_case)
+from defenses_lib.comparison import (COMMON, ORDER, Defense, aa_description, aa_name, build_defenses, evaluate_defense,
+                                     inference_cost, recipe_profile, sanity_report, standard_costs, threat_attacks,
+                                     threat_name, training_cost, worst_case)
+from defenses_lib.data import balanced_subset, load_dataset
 from defenses_lib.evaluation import RobustResult
 from defenses_lib.defenses.ensembles import train_ensembles
 from defenses_lib.defenses.smoothing import SmoothedClassifier, fewer_draws
@@ -130,3 +131,35 @@ def test_train_ensembles_refuses_an_unknown_loss_name(tmp_path, monkeypatch):
     data = torch.utils.data.TensorDataset(torch.rand(4, 1, 28, 28), torch.randint(0, 10, (4,)))
     with pytest.raises(ValueError, match="names must be one of"):
         train_ensembles(type(P)({**P, "epochs_pretrain": 0}), data, names=("nope",))
+
+
+def test_comparison_paper_profile_runs_a_few_steps(data_root, tmp_path, monkeypatch):
+    """CIFAR-10 and ResNet-18 with every chapter's paper recipe: one training step per model, then the
+    chapter's evaluation, certificates, sanity checks and costs on two test images with short attacks."""
+    monkeypatch.setenv("DEFENSES_RUNS", str(tmp_path))
+    P = get_profile("comparison", "paper")
+    few = dict(batch_size=10)
+    P.update(n_train=10, eval_steps=2, attack_draws=2, score_repeats=1, aa_n=1, aa_version="custom",
+             aa_attacks=("apgd-ce",), aa_targets=None, square_queries=5, overrides={
+                 "foundations": dict(epochs_at=1, train_steps=2),
+                 "ensembles": dict(few, epochs_pretrain=1, epochs_finetune=1),
+                 "purification": dict(few, epochs_classifier=1, epochs_pretrain=1, epochs_finetune=1, eot_draws=2),
+                 "smoothing": dict(few, sigmas=(0.25,), epochs=1, train_draws=2, smooth_draws=2, n0=4, n=8,
+                                   selector_draws=20, median_draws=3, attack_median_draws=3),
+                 "armor": dict(few, epochs=1),
+                 "drsl": dict(few, epochs=1)})
+    data = balanced_subset(load_dataset(P.dataset, "train", data_root), P.n_train)
+    x, y = load_dataset(P.dataset, "test", data_root).select(torch.arange(2)).tensors()
+    defenses = build_defenses(P, data)
+    assert list(defenses) == list(ORDER)
+    assert all(h["examples"] == 10 for d in defenses.values() for r in d.trainings for h in r["history"])
+    std_train, std_forward = standard_costs(defenses["standard"].model, x, y)
+    for name, d in defenses.items():
+        res = evaluate_defense(P, d, x, y)
+        assert set(res) == {threat_name(t) for t in P.threats} | {aa_name(P)}, name
+        assert 0 <= worst_case(P, res)[threat_name(P.aa_threat)] <= 1
+        assert training_cost(d, std_train, P.n_train)["standard epochs"] > 0
+        assert inference_cost(d, x, std_forward, repeat=1)["forward passes"] >= 1 - 1e-6
+        if d.certify is not None:
+            assert d.certify(x).radius.shape == (2,)
+    assert sanity_report(P, defenses["variational smoothing"], x, y).checks
