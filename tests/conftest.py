@@ -36,6 +36,24 @@ def mnist_small(data_root):
 
 
 @pytest.fixture
+def paper_profile(data_root, tmp_path, monkeypatch):
+    """A factory: ``paper_profile(chapter, **overrides)`` is the chapter's paper profile shrunk by ``overrides``
+    and its training data (``n_train`` images), with a private runs folder for the test."""
+    from defenses_lib.data import balanced_subset, load_dataset
+    from defenses_lib.profiles import get_profile
+
+    monkeypatch.setenv("DEFENSES_RUNS", str(tmp_path))
+
+    def make(chapter, **overrides):
+        """The shrunk profile and its training data."""
+        P = get_profile(chapter, "paper")
+        P.update(overrides)
+        return P, balanced_subset(load_dataset(P.dataset, "train", data_root), P.n_train)
+
+    return make
+
+
+@pytest.fixture
 def tiny_model():
     """An untrained smooth CNN on 1x8x8 inputs, quick enough for any test."""
     torch.manual_seed(0)

@@ -59,17 +59,8 @@ def test_foundations_paper_profile_runs_a_few_steps(data_root):
     assert x_aa.shape == (2, 1, 28, 28)
 
 
-def _paper_profile(chapter, data_root, tmp_path, monkeypatch, **overrides):
-    """The chapter's paper profile shrunk by ``overrides``, its training data, and a private runs folder."""
-    monkeypatch.setenv("DEFENSES_RUNS", str(tmp_path))
-    P = get_profile(chapter, "paper")
-    P.update(overrides)
-    return P, balanced_subset(load_dataset(P.dataset, "train", data_root), P.n_train)
-
-
-def test_ensembles_paper_profile_runs_a_few_steps(data_root, tmp_path, monkeypatch):
-    P, data = _paper_profile("ensembles", data_root, tmp_path, monkeypatch,  # two steps per loss
-                             n_train=20, batch_size=10, epochs_pretrain=1, epochs_finetune=1)
+def test_ensembles_paper_profile_runs_a_few_steps(data_root, paper_profile):
+    P, data = paper_profile("ensembles", n_train=20, batch_size=10, epochs_pretrain=1, epochs_finetune=1)  # 2 steps
     ensembles = train_ensembles(P, data)
     assert list(ensembles) == ["pre-trained", "independent", "GAL", "DLC"]
     x, y = balanced_subset(load_dataset(P.dataset, "test", data_root), 10, seed=1).tensors()
@@ -79,9 +70,9 @@ def test_ensembles_paper_profile_runs_a_few_steps(data_root, tmp_path, monkeypat
     assert res.n == 10
 
 
-def test_purification_paper_profile_runs_a_few_steps(data_root, tmp_path, monkeypatch):
-    P, data = _paper_profile("purification", data_root, tmp_path, monkeypatch,
-                             n_train=20, batch_size=10, epochs_classifier=1, epochs_pretrain=1, epochs_finetune=1)
+def test_purification_paper_profile_runs_a_few_steps(data_root, paper_profile):
+    P, data = paper_profile("purification", n_train=20, batch_size=10, epochs_classifier=1, epochs_pretrain=1,
+                            epochs_finetune=1)
     models = train_purification(P, data)
     x, y = balanced_subset(load_dataset(P.dataset, "test", data_root), 10, seed=1).tensors()
     defended = EOT(models["AToP"], draws=2)
@@ -90,9 +81,8 @@ def test_purification_paper_profile_runs_a_few_steps(data_root, tmp_path, monkey
     assert res.n == 4 and defended(x[:4]).shape == (4, 10)
 
 
-def test_smoothing_paper_profile_runs_a_few_steps(data_root, tmp_path, monkeypatch):
-    P, data = _paper_profile("smoothing", data_root, tmp_path, monkeypatch,  # one step per model
-                             n_train=10, batch_size=10, epochs=1, train_draws=2)
+def test_smoothing_paper_profile_runs_a_few_steps(data_root, paper_profile):
+    P, data = paper_profile("smoothing", n_train=10, batch_size=10, epochs=1, train_draws=2)  # one step per model
     models = train_smoothing(P, data)
     assert list(models) == [f"sigma={s:g}" for s in P.sigmas] + ["variational"]
     x, y = balanced_subset(load_dataset(P.dataset, "test", data_root), 10, seed=1).tensors()
@@ -105,8 +95,8 @@ def test_smoothing_paper_profile_runs_a_few_steps(data_root, tmp_path, monkeypat
     assert certify(models["sigma=0.25"], x[:1], 0.25, n0=10, n=20).radius.shape == (1,)
 
 
-def test_armor_paper_profile_runs_a_few_steps(data_root, tmp_path, monkeypatch):
-    P, data = _paper_profile("armor", data_root, tmp_path, monkeypatch, n_train=200)  # two steps of 100 per model
+def test_armor_paper_profile_runs_a_few_steps(data_root, paper_profile):
+    P, data = paper_profile("armor", n_train=200)  # two steps of 100 per model
     models = train_models(P, data, armor_losses(P), arch=P.arch, epochs=1, chapter="armor")
     assert list(models) == list(P.models)
     x, y = balanced_subset(load_dataset(P.dataset, "test", data_root), 10, seed=1).tensors()
@@ -141,8 +131,8 @@ def test_armor_paper_runner_writes_its_result_file_and_resumes(data_root, tmp_pa
         runner["main"](["--models", "ARMOR_D KL", "PGD-AT", "nope"])
 
 
-def test_drsl_paper_profile_runs_a_few_steps(data_root, tmp_path, monkeypatch):
-    P, data = _paper_profile("drsl", data_root, tmp_path, monkeypatch, n_train=20, batch_size=10, epochs=1)
+def test_drsl_paper_profile_runs_a_few_steps(data_root, paper_profile):
+    P, data = paper_profile("drsl", n_train=20, batch_size=10, epochs=1)
     models = train_models(P, data, drsl_losses(P), arch=P.arch, epochs=P.epochs, chapter="drsl")
     assert list(models) == ["CE", "DRSL", "DRSL b=0.1", "DRSL b=10", "PGD-AT"]
     x, y = balanced_subset(load_dataset(P.dataset, "test", data_root), 10, seed=1).tensors()
