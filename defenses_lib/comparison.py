@@ -4,7 +4,7 @@ Nothing is re-implemented here. Each defense is built by its own chapter's libra
 (``train_models``, ``train_ensembles``, ``train_purification``, ``train_smoothing``) from that
 chapter's profile, in which only the data and the network (``COMMON``) and the comparison's few
 recipe overrides are replaced. A checkpoint is named by a hash of its full recipe, so a model whose
-recipe is the chapter's own (chapters 2, 4 and 5 use the comparison's data and network already) is
+recipe is the chapter's own (chapters 1, 2, 4 and 5 use the comparison's data and network already) is
 the chapter's checkpoint: loaded if that chapter ran first with the same ``DEFENSES_RUNS``, trained
 here otherwise (the cold path).
 """
@@ -109,7 +109,8 @@ def _single_networks(P, R, train_set, device) -> dict[str, Defense]:
 def _ensemble(P, R, train_set, device) -> dict[str, Defense]:
     """Chapter 1's DLC ensemble (pre-trained members, then DLC fine-tuning)."""
     ens, tr = _trained(lambda: train_ensembles(R["ensembles"], train_set, device, names=("DLC",)))
-    return {"DLC ensemble": Defense("DLC ensemble", "ensembles", ens["DLC"], tr)}
+    return {"DLC ensemble": Defense("DLC ensemble", "ensembles", ens["DLC"], tr,
+                                    checked_in_chapter=_is_chapters_own(P, "ensembles"))}
 
 
 def _purification(P, R, train_set, device) -> dict[str, Defense]:

@@ -46,7 +46,7 @@ PROFILES: dict[str, dict[str, dict]] = {
     },
     "ensembles": {
         "quick": dict(
-            dataset="mnist", arch="mnist_cnn", members=3, n_train=4_000, n_test=200, batch_size=128, lr=1e-3,
+            dataset="mnist", arch="mnist_cnn", members=3, n_train=6_000, n_test=200, batch_size=128, lr=1e-3,
             epochs_pretrain=1, epochs_finetune=1, gal_coeff=0.5,
             dlc_alpha=4.0, dlc_beta=1.0, dlc_h=(1.0,), dlc_direction="sign", dlc_shared=True, dlc_abs=True, dlc_gamma=0.0,
             hvp_n=64, hvp_h_grid=(1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 0.3, 1.0, 3.0), timing_repeat=5,
