@@ -10,7 +10,7 @@ from defenses_lib import comparison
 from defenses_lib.comparison import (COMMON, ORDER, Defense, aa_description, aa_name, build_defenses, evaluate_defense,
                                      inference_cost, recipe_profile, sanity_report, standard_costs, threat_attacks,
                                      threat_name, training_cost, worst_case)
-from defenses_lib.data import balanced_subset, load_dataset
+from defenses_lib.data import load_dataset
 from defenses_lib.evaluation import RobustResult
 from defenses_lib.defenses.ensembles import train_ensembles
 from defenses_lib.defenses.smoothing import SmoothedClassifier, fewer_draws
