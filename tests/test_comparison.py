@@ -29,10 +29,10 @@ def test_recipe_profiles_take_only_the_common_settings(name):
         assert changed <= set(COMMON) | set(P.overrides.get(chapter, {})), (chapter, changed)
 
 
-def test_chapters_2_4_5_recipes_are_the_chapters_own_in_the_quick_profile():
+def test_chapters_1_2_4_5_recipes_are_the_chapters_own_in_the_quick_profile():
     """So their checkpoints (named by the recipe's hash) are shared with those chapters."""
     P = get_profile("comparison", "quick")
-    for chapter in ("purification", "armor", "drsl"):
+    for chapter in ("ensembles", "purification", "armor", "drsl"):
         assert recipe_profile(P, chapter) == get_profile(chapter, "quick"), chapter
 
 
