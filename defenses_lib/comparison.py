@@ -215,16 +215,16 @@ def evaluate_defense(P, defense: Defense, x: torch.Tensor, y: torch.Tensor) -> d
     return out
 
 
-def worst_case(P, results: dict) -> dict[str, float]:
-    """Per threat, the accuracy over examples of the worst case over every attack each example met
-    (AutoAttack included on the examples it ran on)."""
+def worst_case(P, results: dict) -> dict[str, torch.Tensor]:
+    """Per threat, each example's worst case over every attack it met (AutoAttack included on the examples it
+    ran on): right/wrong, or the smallest probability of being right for a randomized defense."""
     out = {}
     for t in P.threats:
         wc = results[threat_name(t)].worst_case.float().clone()
         if tuple(t) == tuple(P.aa_threat):
             aa = results[aa_name(P)].correct["AutoAttack"].float()
             wc[:len(aa)] = torch.minimum(wc[:len(aa)], aa)
-        out[threat_name(t)] = wc.mean().item()
+        out[threat_name(t)] = wc
     return out
 
 

@@ -63,13 +63,19 @@ def hvp_exact(model: nn.Module, x: torch.Tensor, y: torch.Tensor, z: torch.Tenso
     return hz
 
 
-def mean_curvature(model: nn.Module, x: torch.Tensor, y: torch.Tensor, h: float | None = None,
-                   kind: str = "sign", batch_size: int = 250) -> float:
-    """Mean over examples of ||H z|| (exact by double back-propagation, or finite-difference with step h)."""
-    total = 0.0
+def curvature_per_example(model: nn.Module, x: torch.Tensor, y: torch.Tensor, h: float | None = None,
+                          kind: str = "sign", batch_size: int = 250) -> torch.Tensor:
+    """Per example, ||H z|| (exact by double back-propagation, or finite-difference with step h)."""
+    parts = []
     for i in range(0, len(x), batch_size):
         xb, yb = x[i:i + batch_size], y[i:i + batch_size]
         z = direction(input_gradient(model, xb, yb), kind)
         hz = hvp_exact(model, xb, yb, z) if h is None else hvp_fd(model, xb, yb, z, h, create_graph=False)
-        total += hz.flatten(1).norm(dim=1).sum().item()
-    return total / len(x)
+        parts.append(hz.flatten(1).norm(dim=1).detach().cpu())
+    return torch.cat(parts)
+
+
+def mean_curvature(model: nn.Module, x: torch.Tensor, y: torch.Tensor, h: float | None = None,
+                   kind: str = "sign", batch_size: int = 250) -> float:
+    """Mean over examples of ||H z|| (see :func:`curvature_per_example`)."""
+    return curvature_per_example(model, x, y, h, kind, batch_size).mean().item()

@@ -18,6 +18,7 @@ from torch import nn
 
 from .attacks import check_inputs, eval_mode, fgsm, pgd
 from .runtime import model_device, progress, record
+from .stats import Estimate, accuracy_interval
 
 
 def _batches(n: int, batch_size: int):
@@ -100,14 +101,23 @@ class RobustResult:
         acc["worst case"] = self.worst_case.float().mean().item()
         return acc
 
+    def outcomes(self) -> dict[str, torch.Tensor]:
+        """Per-example outcomes per row, the worst case last (what paired tests compare)."""
+        return {**self.correct, "worst case": self.worst_case}
+
+    def intervals(self, level: float = 0.95) -> dict[str, Estimate]:
+        """Accuracy per row with its interval (Wilson's, or a bootstrap for a randomized defense's probabilities)."""
+        return {k: accuracy_interval(v, level) for k, v in self.outcomes().items()}
+
     def __str__(self) -> str:
-        rows = [f"{k:<28}{100 * v:6.1f}%" for k, v in self.accuracy().items()]
-        return "\n".join([f"n = {self.n} {self.setting}".rstrip()] + rows)
+        rows = [f"{k:<28}{100 * e.value:6.1f}%  [{100 * e.low:.1f}, {100 * e.high:.1f}]"
+                for k, e in self.intervals().items()]
+        return "\n".join([f"n = {self.n} {self.setting}, accuracy [95% interval]".strip()] + rows)
 
     __repr__ = __str__
 
     def _repr_html_(self) -> str:
-        return table_html({k: {"accuracy (%)": 100 * v} for k, v in self.accuracy().items()},
+        return table_html({k: {"accuracy (%) [95% interval]": e} for k, e in self.intervals().items()},
                           caption=f"n = {self.n} {self.setting}")
 
 
@@ -146,14 +156,19 @@ def curve(sweep: dict[float, RobustResult], attack: str) -> dict[float, float]:
     return {e: r.accuracy()[attack if e > 0 else "clean"] for e, r in sweep.items()}
 
 
-def transfer_matrix(models, x: torch.Tensor, y: torch.Tensor, attack, batch_size: int = 250) -> torch.Tensor:
-    """M[i, j] = accuracy of model j on adversarial examples made against model i (the diagonal is white-box)."""
+def transfer_outcomes(models, x: torch.Tensor, y: torch.Tensor, attack, batch_size: int = 250) -> torch.Tensor:
+    """O[i, j, k] = whether model j classifies example k right after the attack made it against model i (bool)."""
     check_inputs(x, y)
     rows = []
     for source in models:
         x_adv = run_attack(attack, source, x, y, batch_size)
-        rows.append(torch.tensor([(predict(target, x_adv) == y).float().mean().item() for target in models]))
+        rows.append(torch.stack([predict(target, x_adv) == y for target in models]))
     return torch.stack(rows)
+
+
+def transfer_matrix(models, x: torch.Tensor, y: torch.Tensor, attack, batch_size: int = 250) -> torch.Tensor:
+    """M[i, j] = accuracy of model j on adversarial examples made against model i (the diagonal is white-box)."""
+    return transfer_outcomes(models, x, y, attack, batch_size).float().mean(2)
 
 
 def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str = "linf",
@@ -196,14 +211,21 @@ def square_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
         return sq.perturb(x.to(model_device(model)), y.to(model_device(model))).cpu()
 
 
+def _cell(v, digits: int) -> str:
+    """One table cell: a float to ``digits`` decimals (NaN as a dash), an Estimate as 'value [low, high]'."""
+    if isinstance(v, float):
+        return "<td>–</td>" if math.isnan(v) else f"<td>{v:.{digits}f}</td>"
+    return f"<td>{html.escape(str(v))}</td>"
+
+
 def table_html(rows: dict[str, dict[str, float]], caption: str = "", digits: int = 1) -> str:
-    """A small HTML table from {row: {column: value}}; a NaN shows as a dash (not defined)."""
+    """A small HTML table from {row: {column: value}}; a NaN shows as a dash (not defined), an
+    :class:`~defenses_lib.stats.Estimate` as its value and 95% interval."""
     cols = list(dict.fromkeys(c for r in rows.values() for c in r))
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
     body = "".join(
         "<tr><th>" + html.escape(str(r)) + "</th>"
-        + "".join(("<td>–</td>" if math.isnan(v) else f"<td>{v:.{digits}f}</td>") if isinstance(v, float)
-                  else f"<td>{html.escape(str(v))}</td>" for v in (vals.get(c, "") for c in cols)) + "</tr>"
+        + "".join(_cell(v, digits) for v in (vals.get(c, "") for c in cols)) + "</tr>"
         for r, vals in rows.items())
     cap = f"<caption>{html.escape(caption)}</caption>" if caption else ""
     return f"<table>{cap}<thead><tr><th></th>{head}</tr></thead><tbody>{body}</tbody></table>"

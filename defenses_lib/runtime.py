@@ -145,13 +145,6 @@ def timing_rounds(fns: dict, rounds: int = 5, repeat: int = 1, warmup: int = 1) 
     return out
 
 
-def compare_times(fns: dict, repeat: int = 5, warmup: int = 1) -> dict:
-    """The fastest wall time in seconds of each ``fns[name]()`` over ``repeat`` interleaved rounds (see ``timing_rounds``)."""
-    if repeat < 1:
-        raise ValueError(f"repeat must be >= 1, got repeat={repeat}")
-    return {name: min(t) for name, t in timing_rounds(fns, rounds=repeat, warmup=warmup).items()}
-
-
 def atomic_write(path: str | os.PathLike, write) -> None:
     """``write(tmp)`` to a temporary file in ``path``'s folder, then rename it to ``path``: never a half-written file."""
     path = Path(path)

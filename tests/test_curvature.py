@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from defenses_lib.curvature import direction, hvp_exact, hvp_fd, input_gradient
-from defenses_lib.defenses.ensembles import DLCLoss, Ensemble, GALLoss, IndependentLoss, mean_pairwise_cos
+from defenses_lib.defenses.ensembles import (DLCLoss, Ensemble, GALLoss, IndependentLoss, mean_pairwise_cos,
+                                             pairwise_cos)
 
 
 def smooth_net(seed=0, dtype=torch.float64):
@@ -58,6 +59,8 @@ def test_pairwise_cosine():
     assert torch.isclose(mean_pairwise_cos([a, -a], absolute=False), torch.tensor(-1.0))
     e1, e2 = torch.eye(2)[0].expand(3, 2), torch.eye(2)[1].expand(3, 2)
     assert torch.isclose(mean_pairwise_cos([e1, e2]), torch.tensor(0.0))
+    mixed = pairwise_cos([torch.stack([e1[0], e1[0]]), torch.stack([e1[0], e2[0]])])   # per example
+    assert torch.allclose(mixed, torch.tensor([1.0, 0.0]))
 
 
 def test_ensemble_averages_softmax():
@@ -112,17 +115,30 @@ def test_mean_curvature_exact_and_finite_difference_agree():
     assert exact > 0 and abs(fd - exact) / exact < 0.05
 
 
+def test_curvature_per_example_is_each_images_norm():
+    from defenses_lib.curvature import curvature_per_example, direction, hvp_exact, input_gradient
+
+    model, (x, y) = smooth_net(), _xy(9)
+    per = curvature_per_example(model, x, y, batch_size=4)
+    one = hvp_exact(model, x[3:4], y[3:4], direction(input_gradient(model, x[3:4], y[3:4]))).norm()
+    assert per.shape == (9,) and torch.isclose(per[3], one, rtol=1e-4)
+
+
 def test_transfer_matrix_rows_are_sources(mnist_small):
     from functools import partial
 
     from defenses_lib.attacks import pgd
-    from defenses_lib.evaluation import accuracy, transfer_matrix
+    from defenses_lib.evaluation import accuracy, transfer_matrix, transfer_outcomes
 
     model, x, y = mnist_small
     x, y = x[:60], y[:60]
     blind = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))  # a model whose own attack is easy to run
+    torch.manual_seed(0)
     m = transfer_matrix([model, blind], x, y, partial(pgd, eps=0.3, steps=20))
     assert m.shape == (2, 2) and ((0 <= m) & (m <= 1)).all()
+    torch.manual_seed(0)
+    per = transfer_outcomes([model, blind], x, y, partial(pgd, eps=0.3, steps=20))
+    assert per.shape == (2, 2, 60) and per.dtype == torch.bool and torch.equal(per.float().mean(2), m)
     assert m[0, 0] <= 0.05  # white-box at eps = 0.3 breaks the trained CNN
     assert abs(m[1, 1] - accuracy(blind, pgd(blind, x, y, 0.3, steps=20), y)) <= 0.05
 

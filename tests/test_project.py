@@ -64,3 +64,16 @@ def test_ci_runs_the_readme_test_command():
     assert "make test" in readme and "make book" in readme
     assert re.search(r"^make test$", (ROOT / ".ci" / "run").read_text(), re.M)
     assert re.search(r"^test: .*\n\t\$\(BIN\)/pytest --nbval$", (ROOT / "Makefile").read_text(), re.M)
+
+
+def _code_cells(nb_path):
+    return ["".join(c["source"]) for c in json.loads(nb_path.read_text())["cells"] if c["cell_type"] == "code"]
+
+
+def test_every_chapter_states_its_claims_through_the_helper():
+    for nb_path in CHAPTERS:
+        cells = _code_cells(nb_path)
+        assert any("Claims(" in c and c.rstrip().endswith("claims.check()") for c in cells), \
+            f"{nb_path.name}: no claims cell ending with claims.check()"
+        bare = [line for c in cells for line in c.splitlines() if line.lstrip().startswith("assert ")]
+        assert not bare, f"{nb_path.name}: a claim asserted by hand instead of through Claims: {bare[0].strip()}"

@@ -226,3 +226,13 @@ def test_levels_round_to_the_nearest_in_log_scale_and_pass_gradients_straight_th
     assert torch.equal(sigma.grad, torch.ones(6))
     with pytest.raises(ValueError, match="levels"):
         VariationalSmoothing(model.base, model.selector, 0.25, levels=(0.5, 0.25))
+
+
+def test_certified_per_image_is_right_and_within_radius():
+    from defenses_lib.defenses.smoothing import Certificate
+
+    c = Certificate(prediction=torch.tensor([1, 2, -1, 3]), radius=torch.tensor([0.5, 0.1, 0.0, 0.9]),
+                    p_lower=torch.zeros(4), sigma=torch.full((4,), 0.25), n=100, alpha=0.001)
+    y = torch.tensor([1, 2, 0, 0])
+    assert c.certified(y, 0.25).tolist() == [True, False, False, False]
+    assert c.certified_accuracy(y, [0.0, 0.25]) == {0.0: 0.5, 0.25: 0.25}

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from defenses_lib.data import ImageDataset
-from defenses_lib.runtime import compare_times, pick_device, timeit, timing_rounds
+from defenses_lib.runtime import pick_device, timeit, timing_rounds
 from defenses_lib.training import (CrossEntropy, PGDAdversarialLoss, TradesLoss, atomic_save, fit, load_checkpoint,
                                    recipe_hash, step_time, train)
 
@@ -163,14 +163,14 @@ def test_timeit_counts_its_calls():
         timeit(lambda: None, repeat=0)
 
 
-def test_compare_times_interleaves_its_rounds_and_keeps_the_fastest():
+def test_timing_rounds_interleave_and_warm_up_once():
     calls = []
-    times = compare_times({"slow": lambda: (calls.append("s"), time.sleep(0.02)),
-                           "fast": lambda: calls.append("f")}, repeat=3, warmup=1)
+    times = timing_rounds({"slow": lambda: (calls.append("s"), time.sleep(0.02)),
+                           "fast": lambda: calls.append("f")}, rounds=3, warmup=1)
     assert calls == ["s", "s", "f", "f", "s", "f", "s", "f"]
-    assert times["slow"] >= 0.02 > times["fast"]
-    with pytest.raises(ValueError, match="repeat"):
-        compare_times({"a": lambda: None}, repeat=0)
+    assert min(times["slow"]) >= 0.02 > max(times["fast"])
+    with pytest.raises(ValueError, match="rounds"):
+        timing_rounds({"a": lambda: None}, rounds=0)
 
 
 def test_timing_rounds_pairs_every_round_and_times_the_median_of_each():

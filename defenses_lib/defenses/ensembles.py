@@ -39,11 +39,16 @@ class Ensemble(nn.Module):
         return log_mean_softmax(torch.stack([m(x) for m in self.members]))
 
 
-def mean_pairwise_cos(vectors: list[torch.Tensor], absolute: bool = True) -> torch.Tensor:
-    """Mean over member pairs and examples of the cosine (or |cosine|) between per-example vectors."""
+def pairwise_cos(vectors: list[torch.Tensor], absolute: bool = True) -> torch.Tensor:
+    """Per example, the mean over member pairs of the cosine (or |cosine|) between their vectors."""
     cos = [F.cosine_similarity(a.flatten(1), b.flatten(1), dim=1, eps=1e-12) for a, b in itertools.combinations(vectors, 2)]
     cos = torch.stack(cos)
-    return (cos.abs() if absolute else cos).mean()
+    return (cos.abs() if absolute else cos).mean(0)
+
+
+def mean_pairwise_cos(vectors: list[torch.Tensor], absolute: bool = True) -> torch.Tensor:
+    """Mean over member pairs and examples of the cosine (or |cosine|) between per-example vectors."""
+    return pairwise_cos(vectors, absolute).mean()
 
 
 class IndependentLoss(nn.Module):

@@ -159,10 +159,13 @@ class Certificate:
     alpha: float
     timings: Timings = field(default_factory=Timings)
 
+    def certified(self, y: torch.Tensor, r: float) -> torch.Tensor:
+        """Per image: classified correctly with a certified radius of at least r (bool)."""
+        return (self.prediction == y) & (self.radius >= r)
+
     def certified_accuracy(self, y: torch.Tensor, radii) -> dict[float, float]:
         """Fraction of images classified correctly with radius >= r, for each r."""
-        right = self.prediction == y
-        return {float(r): (right & (self.radius >= r)).float().mean().item() for r in radii}
+        return {float(r): self.certified(y, r).float().mean().item() for r in radii}
 
 
 def certify(base: nn.Module, x: torch.Tensor, sigma, n0: int = 100, n: int = 100_000, alpha: float = 0.001,
