@@ -64,13 +64,12 @@ def _difference(a, b, level: float) -> tuple[Estimate, str]:
     if isinstance(a, Proportion) or isinstance(b, Proportion):
         pa = a if isinstance(a, Proportion) else Proportion.of(float(outcomes(a).mean()), len(outcomes(a)))
         pb = b if isinstance(b, Proportion) else Proportion.of(float(outcomes(b).mean()), len(outcomes(b)))
-        return unpaired_difference(pa, pb, level), "unpaired"
+        return unpaired_difference(pa, pb, level), ""
     est = paired_difference(a, b, level)
-    test = "paired"
-    if est.method == "Newcombe paired":
-        m = mcnemar(a, b)
-        test += f", McNemar {m['b10']}:{m['b01']}, p = {m['p']:.2g}"
-    return est, test
+    if est.method != "Newcombe paired":
+        return est, ""
+    m = mcnemar(a, b)
+    return est, f"McNemar {m['b10']}:{m['b01']}, p = {m['p']:.2g}"
 
 
 def _points(e: Estimate) -> str:
@@ -86,7 +85,8 @@ def _compare(a, b, margin: float, level: float) -> tuple[Estimate, float, str, s
         text = f"{100 * est.value:.1f}% [{100 * est.low:.1f}, {100 * est.high:.1f}]"
         return est, b + margin, f"{est.method}; against {100 * (b + margin):g}%", text
     est, test = _difference(a, b, level)
-    return est, margin, f"{est.method}; {test}" + (f", margin {100 * margin:+g} points" if margin else ""), _points(est)
+    words = "; ".join(w for w in (est.method, test, f"margin {100 * margin:+g} points" if margin else "") if w)
+    return est, margin, words, _points(est)
 
 
 class Claims:
@@ -136,8 +136,8 @@ class Claims:
             verdict = CONTRADICTED
         else:
             verdict = f"not resolved at n = {est.n}"
-        return self._add(statement, _points(est), est.n, f"{est.method}; {test}, within +-{100 * delta:g} points",
-                         verdict, expect)
+        words = "; ".join(w for w in (est.method, test, f"within +-{100 * delta:g} points") if w)
+        return self._add(statement, _points(est), est.n, words, verdict, expect)
 
     def mean_less(self, statement: str, a, b, expect: str = "resolved") -> Claim:
         """Claim: a real-valued measurement (curvature, a cosine) is smaller on average under a than under b,

@@ -212,9 +212,12 @@ def square_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
 
 
 def _cell(v, digits: int) -> str:
-    """One table cell: a float to ``digits`` decimals (NaN as a dash), an Estimate as 'value [low, high]'."""
+    """One table cell: a float to ``digits`` decimals (NaN as a dash), an Estimate as its value over its interval."""
     if isinstance(v, float):
         return "<td>–</td>" if math.isnan(v) else f"<td>{v:.{digits}f}</td>"
+    if isinstance(v, Estimate):
+        f = lambda x: f"{v.scale * x:.{v.digits}f}"
+        return f"<td>{f(v.value)}<br><small>[{f(v.low)}, {f(v.high)}]</small></td>"
     return f"<td>{html.escape(str(v))}</td>"
 
 

@@ -7,7 +7,8 @@ import torch
 
 from defenses_lib import evaluation
 from defenses_lib.attacks import fgsm, pgd
-from defenses_lib.evaluation import FixedRandomness, autoattack, curve, eps_sweep, evaluate, is_randomized, sanity_checks, table_html
+from defenses_lib.evaluation import (FixedRandomness, RobustResult, autoattack, curve, eps_sweep, evaluate, is_randomized,
+                                     sanity_checks, table_html)
 
 
 def test_worst_case_is_per_example(mnist_small):
@@ -131,3 +132,17 @@ def test_table_html_formats_floats_and_shows_nan_as_a_dash():
     html = table_html({"a": {"x": 1.25, "y": float("nan")}, "b": {"x": "n/a"}}, caption="c", digits=1)
     assert "<caption>c</caption>" in html and "<td>1.2</td>" in html and "<td>–</td>" in html
     assert "nan" not in html and "<td>n/a</td><td></td>" in html
+
+
+def test_table_html_shows_an_estimate_over_its_interval():
+    from defenses_lib.stats import accuracy_interval
+
+    html = table_html({"a": {"x": accuracy_interval(torch.ones(50, dtype=torch.bool))}})
+    assert "<td>100.0<br><small>[92.9, 100.0]</small></td>" in html
+
+
+def test_robust_result_shows_n_and_intervals():
+    res = RobustResult({"clean": torch.tensor([True] * 40 + [False] * 10)}, {}, "toy")
+    assert str(res).splitlines()[0] == "n = 50 toy, accuracy [95% interval]"
+    assert "80.0%  [67.0, 88.8]" in str(res) and "[67.0, 88.8]" in res._repr_html_()
+    assert res.intervals()["worst case"].value == 0.8
