@@ -217,7 +217,7 @@ def _cell(v, digits: int) -> str:
         return "<td>–</td>" if math.isnan(v) else f"<td>{v:.{digits}f}</td>"
     if isinstance(v, Estimate):
         f = lambda x: f"{v.scale * x:.{v.digits}f}"
-        return f"<td>{f(v.value)}<br><small>[{f(v.low)}, {f(v.high)}]</small></td>"
+        return f"<td>{f(v.value)}<br><small style='white-space:nowrap'>[{f(v.low)}, {f(v.high)}]</small></td>"
     return f"<td>{html.escape(str(v))}</td>"
 
 

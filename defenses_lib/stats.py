@@ -196,6 +196,15 @@ def paired_difference(a, b, level: float = 0.95) -> Estimate:
     return Estimate(a.mean() - b.mean(), low, high, len(a), "paired bootstrap", level)
 
 
+def mean_interval(values, level: float = 0.95, digits: int = 3) -> Estimate:
+    """The mean of real-valued per-example measurements (a curvature, a cosine) with a bootstrap interval."""
+    a = np.asarray(values.detach().cpu() if isinstance(values, torch.Tensor) else values, dtype=np.float64)
+    if a.ndim != 1 or a.size < 2 or not np.isfinite(a).all():
+        raise ValueError(f"values must be a finite 1-D sequence of at least 2 measurements, got shape {a.shape}")
+    low, high = bootstrap_mean(a, level)
+    return Estimate(float(a.mean()), low, high, len(a), "bootstrap", level, scale=1.0, digits=digits)
+
+
 def paired_mean_difference(a, b, level: float = 0.95) -> Estimate:
     """Mean of a minus mean of b for real-valued measurements on the same examples, with a paired bootstrap
     interval (shown as a plain number, not a percentage)."""

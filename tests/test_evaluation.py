@@ -138,7 +138,7 @@ def test_table_html_shows_an_estimate_over_its_interval():
     from defenses_lib.stats import accuracy_interval
 
     html = table_html({"a": {"x": accuracy_interval(torch.ones(50, dtype=torch.bool))}})
-    assert "<td>100.0<br><small>[92.9, 100.0]</small></td>" in html
+    assert "<td>100.0<br><small style='white-space:nowrap'>[92.9, 100.0]</small></td>" in html
 
 
 def test_robust_result_shows_n_and_intervals():

@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy import stats as sps
 
-from defenses_lib.stats import (Proportion, accuracy_interval, bootstrap_mean, clopper_pearson, mcnemar,
+from defenses_lib.stats import (Proportion, accuracy_interval, bootstrap_mean, clopper_pearson, mcnemar, mean_interval,
                                 newcombe_paired, newcombe_unpaired, paired_difference, ratio_interval, seed_summary,
                                 unpaired_difference, wilson)
 
@@ -116,6 +116,16 @@ def test_bootstrap_mean_matches_the_normal_interval_for_large_n():
     low, high = bootstrap_mean(x)
     se = x.std(ddof=1) / math.sqrt(len(x))
     assert (low, high) == pytest.approx((x.mean() - 1.96 * se, x.mean() + 1.96 * se), abs=2e-3)
+
+
+def test_mean_interval_brackets_the_mean_of_measurements():
+    x = np.random.default_rng(5).normal(2.0, 0.5, 400)
+    e = mean_interval(torch.tensor(x))
+    se = x.std(ddof=1) / math.sqrt(len(x))
+    assert (e.low, e.value, e.high) == pytest.approx((x.mean() - 1.96 * se, x.mean(), x.mean() + 1.96 * se), abs=5e-3)
+    assert str(e) == f"{x.mean():.3f} [{e.low:.3f}, {e.high:.3f}]"
+    with pytest.raises(ValueError, match="at least 2"):
+        mean_interval([1.0])
 
 
 def test_ratio_interval_is_a_t_interval_on_log_ratios():
