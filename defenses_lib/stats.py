@@ -166,16 +166,13 @@ def newcombe_unpaired(k1: int, n1: int, k2: int, n2: int, level: float = 0.95) -
     """Newcombe's hybrid score interval for k1/n1 - k2/n2 on independent samples (his method 10 of 1998a)."""
     _check_counts(k1, n1)
     _check_counts(k2, n2)
-    l1, u1 = _wilson_p(k1 / n1, n1, level)
-    l2, u2 = _wilson_p(k2 / n2, n2, level)
-    p1, p2 = k1 / n1, k2 / n2
-    return p1 - p2 - math.hypot(p1 - l1, u2 - p2), p1 - p2 + math.hypot(u1 - p1, p2 - l2)
+    return _newcombe_means(k1 / n1, n1, k2 / n2, n2, level)
 
 
-def _newcombe_means(p1: float, p2: float, n: int, level: float) -> tuple[float, float]:
-    """Newcombe's hybrid interval for two mean outcomes on n examples each, ignoring their pairing."""
-    l1, u1 = _wilson_p(p1, n, level)
-    l2, u2 = _wilson_p(p2, n, level)
+def _newcombe_means(p1: float, n1: int, p2: float, n2: int, level: float) -> tuple[float, float]:
+    """Newcombe's hybrid interval for p1 - p2, two mean outcomes on n1 and n2 examples, ignoring any pairing."""
+    l1, u1 = _wilson_p(p1, n1, level)
+    l2, u2 = _wilson_p(p2, n2, level)
     return p1 - p2 - math.hypot(p1 - l1, u2 - p2), p1 - p2 + math.hypot(u1 - p1, p2 - l2)
 
 
@@ -190,7 +187,7 @@ def paired_difference(a, b, level: float = 0.95) -> Estimate:
         low, high = newcombe_paired(a, b, level)
         return Estimate(a.mean() - b.mean(), low, high, len(a), "Newcombe paired", level)
     if np.ptp(a - b) == 0:  # no spread to resample: the conservative unpaired interval of the two means
-        low, high = _newcombe_means(float(a.mean()), float(b.mean()), len(a), level)
+        low, high = _newcombe_means(float(a.mean()), len(a), float(b.mean()), len(b), level)
         return Estimate(a.mean() - b.mean(), low, high, len(a), "Newcombe on the means", level)
     low, high = bootstrap_mean(a - b, level)
     return Estimate(a.mean() - b.mean(), low, high, len(a), "paired bootstrap", level)
