@@ -1,9 +1,21 @@
 """defenses_lib: the library behind the book on five adversarial-robustness defenses.
 
-Modules, by what a reader looks for: ``data`` (real data sets), ``models`` (networks with their
-normalisation inside), ``attacks`` (FGSM, PGD, EOT, BPDA), ``evaluation`` (robust accuracy,
-AutoAttack, sanity checks), ``training`` (one loop, baseline losses, checkpoints), ``profiles``
-(quick and paper settings), ``plots`` and ``widgets``.
+Where to look, by what you want:
+
+* a defense: ``defenses`` (the registry, ``build(chapter, P, train_set)``) and one module per
+  paper in it (``baselines``, ``ensembles``, ``purification``, ``smoothing``, ``armor``,
+  ``drsl``), each returning :class:`defenses.base.Defense` objects;
+* the settings of a chapter: ``profiles`` (frozen, typed ``quick`` and ``paper`` profiles);
+* data and networks: ``data`` (real data sets, offline or downloaded), ``models``;
+* attacking and evaluating: ``attacks`` (FGSM, PGD, EOT, rFGSM^k), ``evaluation`` (robust
+  accuracy, the per-example worst case, AutoAttack, the gradient-masking sanity checks),
+  ``curvature`` (input gradients and Hessian-vector products);
+* saying what the numbers show: ``stats`` (intervals and paired tests) and ``claims``;
+* training: ``training`` (the one loop, checkpoints named by everything that shapes the weights)
+  and ``config`` (every constructor argument recorded);
+* chapter 6: ``comparison``; figures and explorers: ``plots``, ``widgets``;
+* running: ``runtime`` (device, seeds, progress, timing, the metrics file), ``run`` (the headless
+  runner), ``distributed`` (torchrun), ``checks`` (argument checks).
 """
 
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""White-box attacks in pixel space: FGSM, PGD (l_inf and l_2), an EOT wrapper and a BPDA helper;
+"""White-box attacks in pixel space: FGSM, PGD (l_inf and l_2) and an EOT wrapper;
 unprojected signed-gradient ascent and rFGSM^k for binary features.
 
 Conventions (those of torchattacks and RobustBench): images in [0, 1], ``eps`` in that scale, the
@@ -59,11 +59,20 @@ def check_inputs(x: torch.Tensor, y: torch.Tensor | None = None, eps: float | No
         raise ValueError(f"x must be a floating-point tensor with pixels in [0, 1], got dtype {x.dtype}")
     lo, hi = float(x.detach().min()), float(x.detach().max())
     if lo < -1e-6 or hi > 1 + 1e-6:
-        raise ValueError(f"x must hold pixels in [0, 1] (normalisation belongs inside the model), got range [{lo:.3g}, {hi:.3g}]")
+        raise ValueError("x must hold pixels in [0, 1] (normalisation belongs inside the model), "
+                         f"got range [{lo:.3g}, {hi:.3g}]")
     if y is not None and (y.dim() != 1 or y.shape[0] != x.shape[0]):
         raise ValueError(f"y must have shape ({x.shape[0]},) to match x, got {tuple(y.shape)}")
-    if eps is not None and not (math.isfinite(eps) and eps >= 0):
-        raise ValueError(f"eps must be a finite number >= 0, got {eps}")
+    if eps is not None:
+        check_eps(eps)
+    if norm is not None:
+        check_choice("norm", norm, NORMS)
+
+
+def check_eps(eps, norm: str | None = None) -> None:
+    """Raise a clear ValueError unless ``eps`` is a finite number >= 0 (and ``norm`` a known norm)."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     if norm is not None:
         check_choice("norm", norm, NORMS)
 
@@ -83,14 +92,18 @@ def attack_loss(logits: torch.Tensor, y: torch.Tensor, loss: str = "ce", targete
     return margin / (top[:, 0] - top[:, 2] + 1e-12)
 
 
+def _l2(v: torch.Tensor) -> torch.Tensor:
+    """Each example's l_2 norm (at least 1e-12), shaped to broadcast over (N, C, H, W)."""
+    return v.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (v.dim() - 1)))
+
+
 def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
-    """Project onto the eps ball around x, then onto [0, 1] (which keeps it in the ball)."""
+    """Project onto the eps ball around x, then onto [0, 1] (staying in the ball)."""
     delta = x_adv - x
     if norm == "linf":
         delta = delta.clamp(-eps, eps)
     else:
-        n = delta.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
-        delta = delta * (eps / n).clamp(max=1.0)
+        delta = delta * (eps / _l2(delta)).clamp(max=1.0)
     return (x + delta).clamp(0, 1)
 
 
@@ -100,7 +113,7 @@ def _random_start(x: torch.Tensor, eps: float, norm: str, generator: torch.Gener
         delta = (torch.rand(x.shape, generator=generator, device=x.device) * 2 - 1) * eps
     else:
         d = torch.randn(x.shape, generator=generator, device=x.device)
-        d = d / d.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+        d = d / _l2(d)
         r = torch.rand(x.shape[0], generator=generator, device=x.device) ** (1.0 / x[0].numel())
         delta = d * (eps * r).view(-1, 1, 1, 1)
     return (x + delta).clamp(0, 1)
@@ -110,7 +123,7 @@ def _step(grad: torch.Tensor, alpha: float, norm: str) -> torch.Tensor:
     """The steepest-ascent step of size alpha for the norm."""
     if norm == "linf":
         return alpha * grad.sign()
-    return alpha * grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+    return alpha * grad / _l2(grad)
 
 
 def _success(logits: torch.Tensor, y: torch.Tensor, targeted: bool) -> torch.Tensor:
@@ -159,27 +172,43 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: f
             idx = todo.nonzero().flatten()
             if len(idx) == 0:
                 break
-            xs, ys = x[idx], y[idx]
-            x_adv = _random_start(xs, eps, norm, generator) if random_start else xs.clone()
-            for _ in range(steps):
-                x_adv.requires_grad_(True)
-                logits = model(x_adv)
-                hit = _success(logits.detach(), ys, targeted) & early_stop
-                best[idx[hit]] = x_adv.detach()[hit]
-                todo[idx[hit]] = False
-                grad, = torch.autograd.grad(attack_loss(logits, ys, loss, targeted).sum(), x_adv)
-                x_adv = project(x_adv.detach() + _step(grad, alpha, norm), xs, eps, norm)
-                idx, xs, ys, x_adv = idx[~hit], xs[~hit], ys[~hit], x_adv[~hit]
-                if len(idx) == 0:
-                    break
+            start = _random_start(x[idx], eps, norm, generator) if random_start else x[idx].clone()
+            idx, x_adv = _descend(model, start, x, y, idx, best, todo, eps, alpha, steps, norm, loss, targeted,
+                                  early_stop)
             if early_stop or restarts == 1:
                 best[idx] = x_adv
             elif len(idx):
-                with torch.no_grad():
-                    final = attack_loss(model(x_adv), ys, loss, targeted)
-                better = final > best_loss[idx]
-                best[idx[better]], best_loss[idx[better]] = x_adv[better], final[better]
+                _keep_higher_loss(model, x_adv, y[idx], idx, best, best_loss, loss, targeted)
     return best.detach()
+
+
+def _descend(model, x_adv, x, y, idx, best, todo, eps, alpha, steps, norm, loss,
+             targeted, early_stop):
+    """``steps`` PGD steps on the examples ``idx`` from ``x_adv``. With ``early_stop``
+    an iterate that already wins is written to ``best`` and its example leaves
+    ``todo`` and the run. Returns the examples still running, their last iterates."""
+    xs, ys = x[idx], y[idx]
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        logits = model(x_adv)
+        hit = _success(logits.detach(), ys, targeted) & early_stop
+        best[idx[hit]] = x_adv.detach()[hit]
+        todo[idx[hit]] = False
+        objective = attack_loss(logits, ys, loss, targeted).sum()
+        grad, = torch.autograd.grad(objective, x_adv)
+        x_adv = project(x_adv.detach() + _step(grad, alpha, norm), xs, eps, norm)
+        idx, xs, ys, x_adv = idx[~hit], xs[~hit], ys[~hit], x_adv[~hit]
+        if len(idx) == 0:
+            break
+    return idx, x_adv
+
+
+def _keep_higher_loss(model, x_adv, ys, idx, best, best_loss, loss, targeted) -> None:
+    """Keep each restart's last iterate where its loss beats the best restart's so far."""
+    with torch.no_grad():
+        final = attack_loss(model(x_adv), ys, loss, targeted)
+    better = final > best_loss[idx]
+    best[idx[better]], best_loss[idx[better]] = x_adv[better], final[better]
 
 
 def signed_ascent(objective, x: torch.Tensor, steps: int, step_size: float, clip: bool = False,
@@ -190,7 +219,8 @@ def signed_ascent(objective, x: torch.Tensor, steps: int, step_size: float, clip
     is evaluated) is put in eval mode for the ascent and restored afterwards.
     """
     if steps < 0 or not (math.isfinite(step_size) and step_size >= 0):
-        raise ValueError(f"steps must be >= 0 and step_size a finite number >= 0, got steps={steps}, step_size={step_size}")
+        raise ValueError(f"steps must be >= 0 and step_size a finite number >= 0, got steps={steps}, "
+                         f"step_size={step_size}")
     x_adv = x.detach().clone()
     with attack_mode(model) if model is not None else torch.enable_grad():
         for _ in range(steps):
@@ -204,7 +234,8 @@ def signed_ascent(objective, x: torch.Tensor, steps: int, step_size: float, clip
 def check_binary(x: torch.Tensor, name: str = "x") -> None:
     """Raise a ValueError unless every entry of x is 0 or 1."""
     if not bool(((x == 0) | (x == 1)).all()):
-        raise ValueError(f"{name} must be binary (every entry 0 or 1), got values in [{x.min().item():g}, {x.max().item():g}]")
+        raise ValueError(f"{name} must be binary (every entry 0 or 1), got values in "
+                         f"[{x.min().item():g}, {x.max().item():g}]")
 
 
 def rfgsm_k(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int = 50, step_size: float = 0.02,
@@ -271,6 +302,15 @@ def top_k_targeted(attack, k: int):
     return attack_targets
 
 
+def against(target: nn.Module, attack):
+    """``attack`` made against ``target`` whichever model it is called with: a weaker threat model
+    (an attacker who sees only part of the defense) or a transfer attack."""
+    def attack_target(model, x, y):
+        return attack(target, x, y)
+
+    return attack_target
+
+
 def log_mean_softmax(logits: torch.Tensor) -> torch.Tensor:
     """log of the softmax averaged over the first dimension of (K, N, C) logits: K draws or members, N inputs."""
     return logits.softmax(-1).mean(0).clamp_min(1e-12).log()
@@ -293,41 +333,3 @@ class EOT(nn.Module):
     def forward(self, x):
         n = x.shape[0]
         return log_mean_softmax(self.model(x.repeat(self.draws, *([1] * (x.dim() - 1)))).view(self.draws, n, -1))
-
-
-class _StraightThrough(torch.autograd.Function):
-    """Forward: the non-differentiable function. Backward: the gradient of the surrogate."""
-
-    @staticmethod
-    def forward(ctx, x, fx):
-        return fx
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
-def bpda(forward, surrogate=None):
-    """Backward Pass Differentiable Approximation (Athalye et al.): run ``forward``, differentiate ``surrogate``.
-
-    With no surrogate the backward pass is the identity (straight-through).
-    """
-    def wrapped(x):
-        fx = forward(x).detach()
-        if surrogate is None:
-            return _StraightThrough.apply(x, fx)
-        sx = surrogate(x)
-        return sx + (fx - sx).detach()
-
-    return wrapped
-
-
-class BPDA(nn.Module):
-    """A module version of :func:`bpda`, to put a non-differentiable step inside an ``nn.Sequential``."""
-
-    def __init__(self, forward, surrogate=None):
-        super().__init__()
-        self.fn = bpda(forward, surrogate)
-
-    def forward(self, x):
-        return self.fn(x)

@@ -114,14 +114,16 @@ class Claims:
         return f"not resolved at n = {n}"
 
     def greater(self, statement: str, a, b, margin: float = 0.0, expect: str = "resolved") -> Claim:
-        """Claim: accuracy a exceeds b (outcomes on the same examples, a Proportion, or a fixed value) by more than margin."""
+        """Claim: accuracy a exceeds b (outcomes on the same examples, a Proportion or a value) by more than margin."""
         est, threshold, test, text = _compare(a, b, margin, self.level)
-        return self._add(statement, text, est.n, test, self._verdict(est.low, est.high, threshold, "above", est.n), expect)
+        verdict = self._verdict(est.low, est.high, threshold, "above", est.n)
+        return self._add(statement, text, est.n, test, verdict, expect)
 
     def less(self, statement: str, a, b, margin: float = 0.0, expect: str = "resolved") -> Claim:
         """Claim: accuracy a is below b (outcomes, a Proportion or a fixed value) by more than margin."""
         est, threshold, test, text = _compare(a, b, -margin, self.level)
-        return self._add(statement, text, est.n, test, self._verdict(est.low, est.high, threshold, "below", est.n), expect)
+        verdict = self._verdict(est.low, est.high, threshold, "below", est.n)
+        return self._add(statement, text, est.n, test, verdict, expect)
 
     def within(self, statement: str, a, b, delta: float, expect: str = "resolved") -> Claim:
         """Claim: accuracies a and b differ by less than delta (the interval of a - b lies inside (-delta, delta))."""
@@ -155,8 +157,8 @@ class Claims:
         est = ratio_interval(times_a, times_b, self.level)
         verdict = self._verdict(est.low, est.high, factor, "below", est.n)
         return self._add(statement, f"{est.value:.2f}x [{est.low:.2f}, {est.high:.2f}]", est.n,
-                         f"{est.method}, {est.n} paired rounds, against {factor:g}x", verdict.replace("n =", "rounds ="),
-                         expect)
+                         f"{est.method}, {est.n} paired rounds, against {factor:g}x",
+                         verdict.replace("n =", "rounds ="), expect)
 
     def exact(self, statement: str, holds: bool, detail: str = "", expect: str = "resolved") -> Claim:
         """A fact the run checks as it is (no sampling to account for): a report passed, an error is small."""
@@ -187,7 +189,8 @@ class Claims:
         cols = ["estimate [95% interval]", "n", "test", "verdict", "asserted"]
         head = "".join(f"<th>{c}</th>" for c in cols)
         body = "".join(f"<tr><th style='text-align:left'>{html.escape(s)}</th>"
-                       + "".join(f"<td>{html.escape(r[c])}</td>" for c in cols) + "</tr>" for s, r in self.rows().items())
+                       + "".join(f"<td>{html.escape(r[c])}</td>" for c in cols) + "</tr>"
+                       for s, r in self.rows().items())
         return (f"<table><caption>{html.escape(str(self).splitlines()[0])}</caption>"
                 f"<thead><tr><th>claim</th>{head}</tr></thead><tbody>{body}</tbody></table>")
 

@@ -1,166 +1,72 @@
 """Chapter 6: every defense of chapters 0-5 trained on the same data and network, under one threat model.
 
-Nothing is re-implemented here. Each defense is built by its own chapter's library recipe
-(``train_models``, ``train_ensembles``, ``train_purification``, ``train_smoothing``) from that
-chapter's profile, in which only the data and the network (``COMMON``) and the comparison's few
-recipe overrides are replaced. A checkpoint is named by a hash of its full recipe, so a model whose
-recipe is the chapter's own (chapters 1, 2, 4 and 5 use the comparison's data and network already) is
-the chapter's checkpoint: loaded if that chapter ran first with the same ``DEFENSES_RUNS``, trained
-here otherwise (the cold path).
+Nothing is re-implemented here: the comparison is a loop over the registry of
+:mod:`defenses_lib.defenses`. Each defense is built by its own chapter's ``build`` from that
+chapter's profile, in which only the data, the network and the seed (``COMMON``), the comparison's
+attack settings and its few recipe overrides are replaced. A checkpoint is named by a hash of
+everything that shapes its weights, so a model whose recipe is its chapter's own is that chapter's
+checkpoint: loaded if the chapter ran first with the same ``DEFENSES_RUNS``, trained here otherwise.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
 from functools import partial
-from typing import Callable
 
 import torch
 from torch import nn
 
-from .attacks import EOT, pgd
-from .defenses.armor import armor_losses
-from .defenses.drsl import drsl_losses
-from .defenses.ensembles import train_ensembles
-from .defenses.purification import train_purification
-from .defenses.smoothing import SmoothedClassifier, certify, certify_variational, fewer_draws, train_smoothing
-from .evaluation import FixedRandomness, autoattack, evaluate, predict, sanity_checks
+from .attacks import pgd
+from .defenses import build
+from .defenses.base import Defense
+from .defenses.baselines import CrossEntropy
+from .evaluation import RobustResult, predict
 from .profiles import Profile, get_profile
-from .runtime import RECORDS, count_flops, records, timeit
-from .training import CrossEntropy, TradesLoss, train_models
+from .runtime import count_flops, progress, timeit
+from .stats import Estimate, accuracy_interval
 
-COMMON = ("dataset", "arch", "n_train", "seed")  # what every recipe takes from the comparison's profile
-
-
-@dataclass
-class Defense:
-    """One defense as the comparison trains, attacks and prices it."""
-
-    name: str
-    chapter: str                        # the chapter that derives it
-    model: nn.Module                    # what predicts (for a randomized defense, its expectation over draws)
-    trainings: list[dict]               # the training records of every stage of its recipe
-    attack_model: nn.Module | None = None   # what the attacker differentiates (None: the model itself)
-    repeats: int = 1                    # predictions each example is scored by (randomized defenses)
-    certify: Callable | None = None     # x -> Certificate, for a defense that certifies
-    fixed_model: nn.Module | None = None    # the attack model with its randomness fixed (sanity check 5)
-    checked_in_chapter: bool = False    # the chapter ran the sanity checks on this very model (same recipe)
-
-    @property
-    def randomized(self) -> bool:
-        """Whether its prediction is random (such a defense has a fixed-randomness twin for sanity check 5)."""
-        return self.fixed_model is not None
+COMMON = ("dataset", "arch", "n_train", "seed")        # what every recipe takes from the comparison's profile
+ATTACK_SETTINGS = ("attack_draws", "score_repeats")     # how randomized defenses are attacked and scored
+CHECKED = {"ensembles": "DLC", "purification": "AToP", "armor": "ARMOR_D KL", "drsl": "DRSL"}  # by its chapter
 
 
 def recipe_profile(P, chapter: str) -> Profile:
-    """``chapter``'s own profile of the same name as ``P``, with ``P``'s data, network and overrides for it."""
-    base = get_profile(chapter, P.name)
-    return Profile({**base, **{k: P[k] for k in COMMON}, **P.overrides.get(chapter, {})})
+    """``chapter``'s own profile of ``P``'s name with ``P``'s data, network, seed, attack settings
+    (where the chapter has them) and overrides for it."""
+    own = get_profile(chapter, P.name)
+    changes = {k: getattr(P, k) for k in COMMON}
+    changes.update({k: getattr(P, k) for k in ATTACK_SETTINGS if hasattr(own, k)})
+    return own.replace(**changes, **P.overrides.get(chapter, {}))
 
 
-def _is_chapters_own(P, chapter: str) -> bool:
-    """Whether the comparison's recipe for ``chapter`` is the chapter's own, so its models are the chapter's."""
-    return recipe_profile(P, chapter) == get_profile(chapter, P.name)
-
-
-def _trained(fn):
-    """``fn()`` and the training records it made (one per ``fit``, loaded or trained)."""
-    mark = len(RECORDS)
-    return fn(), records("training", mark)
-
-
-CHAPTERS = ("foundations", "ensembles", "purification", "smoothing", "armor", "drsl")
-ORDER = ("standard", "PGD-AT", "TRADES", "DLC ensemble", "AToP", "Gaussian smoothing", "variational smoothing",
-         "ARMOR_D (KL)", "DRSL")
+def is_chapters_own(P, chapter: str) -> bool:
+    """Whether ``chapter``'s models here are the chapter's own (the same recipe, whatever the attacks)."""
+    own = get_profile(chapter, P.name)
+    same_attacks = {k: getattr(own, k) for k in ATTACK_SETTINGS if hasattr(own, k)}
+    return recipe_profile(P, chapter).replace(**same_attacks) == own
 
 
 def build_defenses(P, train_set, device=None) -> dict[str, Defense]:
-    """Train (or load) every defense of the comparison with its chapter's recipe; see the module's docstring.
-
-    Randomized defenses predict with their chapter's number of draws; the attacker differentiates
-    ``P.attack_draws`` of them per step (EOT) and each example is scored by ``P.score_repeats`` predictions.
-    """
-    R = {c: recipe_profile(P, c) for c in CHAPTERS}
+    """Train (or load) every defense of ``P.compared`` through the registry, named as the tables name them."""
+    wanted: dict[str, list[tuple[str, str]]] = {}
+    for name, chapter, own_name in P.compared:
+        wanted.setdefault(chapter, []).append((name, own_name))
     built = {}
-    for build in (_single_networks, _ensemble, _purification, _smoothing):
-        built.update(build(P, R, train_set, device))
-    return {name: built[name] for name in ORDER}
+    for chapter, pairs in wanted.items():
+        got = build(chapter, recipe_profile(P, chapter), train_set, device, names=[n for _, n in pairs])
+        built.update({name: dataclasses.replace(got[own], name=name) for name, own in pairs})
+    return {name: built[name] for name, _, _ in P.compared}
 
 
-def _single_networks(P, R, train_set, device) -> dict[str, Defense]:
-    """Chapter 0's baselines and the one-network defenses of chapters 4 and 5, on chapter 5's schedule
-    (ARMOR_D on chapter 4's); chapter 5's "CE" and "PGD-AT" are chapter 0's standard training and PGD-AT."""
-    d, f, a = R["drsl"], R["foundations"], R["armor"]
-    losses = drsl_losses(d)
-    trades = TradesLoss(f.train_eps, beta=f.trades_beta, steps=f.train_steps, alpha=f.train_alpha)
-    jobs = [("standard", "drsl", "CE", losses["CE"], d, d.epochs, False),
-            ("PGD-AT", "drsl", "PGD-AT", losses["PGD-AT"], d, d.epochs, False),
-            ("TRADES", "foundations", "TRADES", trades, d, f.epochs_at, False),
-            ("ARMOR_D (KL)", "armor", "ARMOR_D KL", armor_losses(a)["ARMOR_D KL"], a, a.epochs, True),
-            ("DRSL", "drsl", "DRSL", losses["DRSL"], d, d.epochs, True)]
-    out = {}
-    for name, chapter, key, loss, Q, epochs, headline in jobs:   # headline: the defense its chapter checks
-        models, tr = _trained(lambda: train_models(Q, train_set, {key: loss}, arch=P.arch, epochs=epochs,
-                                                   chapter=chapter, device=device))
-        out[name] = Defense(name, chapter, models[key], tr, checked_in_chapter=headline and _is_chapters_own(P, chapter))
-    return out
-
-
-def _ensemble(P, R, train_set, device) -> dict[str, Defense]:
-    """Chapter 1's DLC ensemble (pre-trained members, then DLC fine-tuning)."""
-    ens, tr = _trained(lambda: train_ensembles(R["ensembles"], train_set, device, names=("DLC",)))
-    return {"DLC ensemble": Defense("DLC ensemble", "ensembles", ens["DLC"], tr,
-                                    checked_in_chapter=_is_chapters_own(P, "ensembles"))}
-
-
-def _purification(P, R, train_set, device) -> dict[str, Defense]:
-    """Chapter 2's AToP pipeline, predicting as an EOT average over its random transforms."""
-    p = R["purification"]
-    pur, tr = _trained(lambda: train_purification(p, train_set, device))
-    atop = pur["AToP"]
-    return {"AToP": Defense("AToP", "purification", EOT(atop, p.eot_draws), tr, attack_model=EOT(atop, P.attack_draws),
-                            repeats=P.score_repeats, fixed_model=atop.with_fixed_randomness(P.seed),
-                            checked_in_chapter=_is_chapters_own(P, "purification"))}
-
-
-def _smoothing(P, R, train_set, device) -> dict[str, Defense]:
-    """Chapter 3's Gaussian smoothing (Cohen et al.) and variational smoothing at the same sigma, each with its certificate.
-
-    The fifth sanity check attacks what the attacker differentiates with its noise frozen (``P.attack_draws``
-    fixed draws, as chapter 2 freezes AToP's transform), not all the prediction's draws frozen: the check asks
-    whether exact gradients break the deterministic machinery, and freezing all of a prediction's draws would
-    multiply its cost by their ratio (16 / 2 in the quick profile).
-    """
-    s = R["smoothing"]
-    sm, tr = _trained(lambda: train_smoothing(s, train_set, device))
-    sigma = s.sigmas[len(s.sigmas) // 2]
-    gen = lambda: torch.Generator().manual_seed(P.seed)
-    base = sm[f"sigma={sigma:g}"]
-    cohen = SmoothedClassifier(base, sigma, s.smooth_draws)
-    var = sm["variational"].with_target(sigma)
-    cohen_atk, var_atk = fewer_draws(cohen, P.attack_draws), fewer_draws(var, P.attack_draws, s.attack_median_draws)
-
-    def certify_var(x):
-        """The chapter's certificate for a sample-wise sigma, selector draws seeded."""
-        torch.manual_seed(P.seed)
-        return certify_variational(var, x, P.cert_radii, n0=s.n0, n=s.n, alpha=s.alpha,
-                                   selector_draws=s.selector_draws, generator=gen())
-
-    return {
-        "Gaussian smoothing": Defense(
-            "Gaussian smoothing", "smoothing", cohen, [r for r in tr if r["name"] == f"gaussian-{sigma:g}"],
-            attack_model=cohen_atk, repeats=P.score_repeats,
-            certify=lambda x: certify(base, x, sigma, n0=s.n0, n=s.n, alpha=s.alpha, generator=gen()),
-            fixed_model=FixedRandomness(cohen_atk, P.seed)),
-        "variational smoothing": Defense(
-            "variational smoothing", "smoothing", var, [r for r in tr if r["name"] == "variational"],
-            attack_model=var_atk, repeats=P.score_repeats, certify=certify_var, fixed_model=FixedRandomness(var_atk, P.seed)),
-    }
+def checked_in_chapter(P, defense: Defense) -> bool:
+    """Whether the defense's chapter ran the sanity checks on this very model (same recipe)."""
+    own = dict((n, o) for n, _, o in P.compared)[defense.name]
+    return CHECKED.get(defense.chapter) == own and is_chapters_own(P, defense.chapter)
 
 
 def threat_attacks(P, threat: tuple[str, float]) -> dict:
-    """The attacks every defense meets at ``threat`` = (norm, eps): PGD on the cross-entropy and on the margin loss.
-    Against a randomized defense they run on its attack model (EOT) and never stop early."""
+    """The attacks every defense meets at ``threat`` = (norm, eps): PGD on the cross-entropy and on the
+    margin loss. Against a randomized defense they run on its attack model (EOT), never stopping early."""
     norm, eps = threat
     kw = dict(eps=eps, steps=P.eval_steps, norm=norm)   # step 2.5 * eps / steps (Madry et al.), at every budget
     steps = f"PGD-{P.eval_steps}"
@@ -171,11 +77,6 @@ def threat_name(threat) -> str:
     """'l_inf 0.1' for ("linf", 0.1)."""
     norm, eps = threat
     return f"l_{'inf' if norm == 'linf' else '2'} {eps:.3g}"
-
-
-def aa_name(P) -> str:
-    """The AutoAttack cross-check's column name (its attacks depend on the defense: see ``aa_settings``)."""
-    return f"AutoAttack, {threat_name(P.aa_threat)}, first {P.aa_n}"
 
 
 def aa_settings(P, randomized: bool) -> dict:
@@ -200,40 +101,51 @@ def aa_description(P, randomized: bool) -> str:
     return f"AutoAttack ({attacks}{targets}{eot}), {threat_name(P.aa_threat)}, first {P.aa_n} examples"
 
 
-def evaluate_defense(P, defense: Defense, x: torch.Tensor, y: torch.Tensor) -> dict:
-    """One defense's ``RobustResult`` at every threat (all of x), and AutoAttack's at ``P.aa_threat`` on the first
-    ``P.aa_n`` examples (key ``aa_name(P)``, attacks by ``aa_settings``), each example scored as the defense predicts."""
+def evaluate_defense(P, defense: Defense, x: torch.Tensor, y: torch.Tensor) -> dict[str, RobustResult]:
+    """One defense's result at every threat; at ``P.aa_threat`` merged with AutoAttack's on the first
+    ``P.aa_n`` examples (so that threat's worst case is over every attack, on those examples)."""
     torch.manual_seed(P.seed)
-    out = {threat_name(t): evaluate(defense.model, x, y, threat_attacks(P, t), setting=f"{defense.name}, {threat_name(t)}",
-                                    attack_model=defense.attack_model, repeats=defense.repeats)
-           for t in P.threats}
-    norm, eps = P.aa_threat
-    aa = partial(autoattack, eps=eps, norm=norm, seed=P.seed, **aa_settings(P, defense.randomized))
-    out[aa_name(P)] = evaluate(defense.model, x[:P.aa_n], y[:P.aa_n], {"AutoAttack": aa},
-                               setting=f"{defense.name}, {aa_name(P)}", attack_model=defense.attack_model,
-                               repeats=defense.repeats)
-    return out
-
-
-def worst_case(P, results: dict) -> dict[str, torch.Tensor]:
-    """Per threat, each example's worst case over every attack it met (AutoAttack included on the examples it
-    ran on): right/wrong, or the smallest probability of being right for a randomized defense."""
     out = {}
     for t in P.threats:
-        wc = results[threat_name(t)].worst_case.float().clone()
-        if tuple(t) == tuple(P.aa_threat):
-            aa = results[aa_name(P)].correct["AutoAttack"].float()
-            wc[:len(aa)] = torch.minimum(wc[:len(aa)], aa)
-        out[threat_name(t)] = wc
+        out[threat_name(t)] = defense.evaluate(x, y, threat_attacks(P, t), setting=f"{defense.name}, {threat_name(t)}")
+    norm, eps = P.aa_threat
+    aa = defense.autoattack(x, y, eps, norm, n=P.aa_n, seed=P.seed, **aa_settings(P, defense.randomized))
+    key = threat_name(P.aa_threat)
+    out[key] = out[key].merge(aa)
     return out
 
 
-def training_cost(defense: Defense, standard_flops: float, n_train: int) -> dict:
-    """Its recipe's training: epochs per stage, FLOPs in standard-training epochs, and wall time as recorded."""
-    flops = sum(h["examples"] * (h.get("flops_per_example") or float("nan")) for r in defense.trainings for h in r["history"])
-    return {"stages": ", ".join(f"{r['name']} {r['recipe']['epochs']}" for r in defense.trainings),
-            "standard epochs": flops / (standard_flops * n_train),
-            "seconds": sum(h["seconds"] for r in defense.trainings for h in r["history"])}
+def detail_table(results: dict[str, dict[str, RobustResult]]) -> dict[str, dict[str, Estimate]]:
+    """{defense: {"clean", "<threat>: <attack>", ..., "<threat>: worst case"}} with 95% intervals."""
+    table = {}
+    for name, res in results.items():
+        row = {"clean": next(iter(res.values())).intervals()["clean"]}
+        for t, r in res.items():
+            row.update({f"{t}: {a}": e for a, e in r.intervals().items() if a != "clean"})
+        table[name] = row
+    return table
+
+
+def summary_table(results, certified: dict, costs: dict, radii) -> dict[str, dict]:
+    """Per defense: clean, the worst case at each threat, certified accuracy (or '–') and the costs."""
+    table = {}
+    for name, res in results.items():
+        row = {"clean": next(iter(res.values())).intervals()["clean"]}
+        row.update({f"worst case, {t}": accuracy_interval(r.worst_case) for t, r in res.items()})
+        row.update({f"certified, l_2 r = {r:g}": accuracy_interval(certified[name][r]) if name in certified
+                    else "–" for r in radii})
+        row["training (standard epochs)"] = costs[name]["standard epochs"]
+        row["prediction (forward passes)"] = costs[name]["forward passes"]
+        table[name] = row
+    return table
+
+
+def training_cost(defense: Defense, standard_flops: float, n_train: int, x: torch.Tensor, y: torch.Tensor) -> dict:
+    """Its recipe's training: epochs per stage, FLOPs in standard-training epochs (each stage's step
+    counted on (x, y)), and wall time as recorded."""
+    flops = sum(t.examples * t.flops_per_example(x, y) for t in defense.trainings)
+    return {"stages": ", ".join(f"{t.record['name']} {t.record['recipe']['epochs']}" for t in defense.trainings),
+            "standard epochs": flops / (standard_flops * n_train), "seconds": defense.training_seconds}
 
 
 def inference_cost(defense: Defense, x: torch.Tensor, standard_forward: float, repeat: int = 3) -> dict:
@@ -251,9 +163,15 @@ def standard_costs(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[
     return train, forward
 
 
+def costs(P, defenses: dict[str, Defense], x: torch.Tensor, y: torch.Tensor) -> dict[str, dict]:
+    """Every defense's training and inference cost in units of the standard model's."""
+    xb, yb = x[:P.cost_batch], y[:P.cost_batch]
+    std_train, std_forward = standard_costs(defenses["standard"].model, xb, yb)
+    return {name: {**training_cost(d, std_train, P.n_train, xb, yb), **inference_cost(d, x, std_forward)}
+            for name, d in progress(defenses.items(), "costs")}
+
+
 def sanity_report(P, defense: Defense, x: torch.Tensor, y: torch.Tensor):
-    """The five gradient-masking checks of EVALUATION.md on the defense at ``P.sanity_threat``."""
+    """The five gradient-masking checks on the defense at ``P.sanity_threat``."""
     norm, eps = P.sanity_threat
-    torch.manual_seed(P.seed)
-    return sanity_checks(defense.model, x, y, eps=eps, norm=norm, steps=P.eval_steps, n_queries=P.square_queries,
-                         fixed_model=defense.fixed_model, attack_model=defense.attack_model, repeats=defense.repeats)
+    return defense.sanity_checks(x, y, eps, norm, steps=P.eval_steps, n_queries=P.square_queries, seed=P.seed)

@@ -7,6 +7,8 @@ gradient, [g(x + h z) - g(x)] / h, whose error is O(h) (CURE, Moosavi-Dezfooli e
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 import torch.nn.functional as F
@@ -34,24 +36,29 @@ def unit(v: torch.Tensor) -> torch.Tensor:
     return v / v.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (v.dim() - 1)))
 
 
-def direction(grad: torch.Tensor, kind: str = "sign", generator: torch.Generator | None = None) -> torch.Tensor:
-    """A unit direction per example: CURE's normalised sign of the gradient, or a random Gaussian one."""
+def direction(grad: torch.Tensor, kind: str = "sign",
+              generator: torch.Generator | None = None) -> torch.Tensor:
+    """A unit direction per example: CURE's normalised gradient sign, or a random one."""
     check_choice("kind", kind, DIRECTIONS)
     if kind == "sign":
         return unit(grad.detach().sign())
-    return unit(torch.randn(grad.shape, generator=generator, device=grad.device))
+    noise = torch.randn(grad.shape, generator=generator, device=grad.device)
+    return unit(noise)
 
 
-def hvp_fd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor, h: float,
-           create_graph: bool = True, grad: torch.Tensor | None = None) -> torch.Tensor:
-    """Finite-difference Hessian-vector product [g(x + h z) - g(x)] / h (differentiable for training).
+def hvp_fd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor,
+           h: float, create_graph: bool = True,
+           grad: torch.Tensor | None = None) -> torch.Tensor:
+    """Finite-difference Hessian-vector product [g(x + h z) - g(x)] / h.
 
-    Pass ``grad`` = g(x) if it is already computed (with ``create_graph``) to save one gradient.
+    Differentiable for training with ``create_graph``. Pass ``grad`` = g(x) if it is
+    already computed (with ``create_graph``) to save one gradient.
     """
     if h <= 0:
         raise ValueError(f"h must be > 0, got {h}")
     g0 = input_gradient(model, x, y, create_graph) if grad is None else grad
-    g1 = input_gradient(model, (x + h * z).detach().requires_grad_(True), y, create_graph)
+    x_h = (x + h * z).detach().requires_grad_(True)
+    g1 = input_gradient(model, x_h, y, create_graph)
     return (g1 - g0) / h
 
 
@@ -79,3 +86,23 @@ def mean_curvature(model: nn.Module, x: torch.Tensor, y: torch.Tensor, h: float 
                    kind: str = "sign", batch_size: int = 250) -> float:
     """Mean over examples of ||H z|| (see :func:`curvature_per_example`)."""
     return curvature_per_example(model, x, y, h, kind, batch_size).mean().item()
+
+
+def smooth_twin(model: nn.Module, beta: float = 10.0) -> nn.Module:
+    """A copy of ``model`` with every ReLU replaced by Softplus(beta): twice differentiable, nearly the same."""
+    twin = copy.deepcopy(model)
+    for parent in list(twin.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, nn.ReLU):
+                setattr(parent, name, nn.Softplus(beta=beta))
+    return twin
+
+
+def fd_relative_errors(model: nn.Module, x: torch.Tensor, y: torch.Tensor, h_grid, kind: str = "sign",
+                       dtype: torch.dtype = torch.float32) -> list[float]:
+    """||hvp_fd - hvp_exact|| / ||hvp_exact|| over the batch, for each h of ``h_grid``, in ``dtype``."""
+    model, x = copy.deepcopy(model).to(dtype), x.to(dtype)
+    z = direction(input_gradient(model, x, y), kind)
+    exact = hvp_exact(model, x, y, z)
+    return [((hvp_fd(model, x, y, z, h, create_graph=False) - exact).norm() / exact.norm()).item()
+            for h in h_grid]

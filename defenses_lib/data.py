@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from .checks import check_choice
 
@@ -39,7 +39,8 @@ class ImageDataset(Dataset):
 
     def __init__(self, images: torch.Tensor, targets: torch.Tensor, classes: list[str]):
         if images.dtype != torch.uint8 or images.dim() != 4:
-            raise ValueError(f"images must be a uint8 tensor of shape (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+            raise ValueError(f"images must be a uint8 tensor of shape (N, C, H, W), got {images.dtype} "
+                             f"{tuple(images.shape)}")
         if targets.shape != (images.shape[0],):
             raise ValueError(f"targets must have shape ({images.shape[0]},), got {tuple(targets.shape)}")
         self.images, self.targets, self.classes = images, targets.long(), list(classes)
@@ -87,12 +88,6 @@ class FolderDataset(Dataset):
         """The data set restricted to ``indices``, in that order."""
         idx = [int(i) for i in indices]
         return FolderDataset([self.paths[i] for i in idx], self.targets[idx], self.classes, self.size)
-
-    def binarized(self, threshold: float = 0.5) -> "ImageDataset":
-        """The data set with every pixel 1 where it exceeds ``threshold`` and 0 elsewhere: binary feature vectors."""
-        if not 0 <= threshold < 1:
-            raise ValueError(f"threshold must be in [0, 1), got {threshold}")
-        return ImageDataset((self.images.float() > threshold * 255).to(torch.uint8) * 255, self.targets, self.classes)
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All images as one float tensor in [0, 1] and the labels."""
@@ -260,7 +255,8 @@ def _imagenette(base: Path, split: str, download: bool, size: int) -> FolderData
     import torchvision
 
     _download("Imagenette", split, base, offline,
-              lambda: torchvision.datasets.Imagenette(base, split=sub, size="full", download=True), base / "imagenette2")
+              lambda: torchvision.datasets.Imagenette(base, split=sub, size="full", download=True),
+              base / "imagenette2")
     return _folder(base / "imagenette2" / sub, size)
 
 
@@ -288,7 +284,9 @@ def balanced_subset(dataset, n: int, seed: int = 0):
     return dataset.select(order)
 
 
-def make_loader(dataset, batch_size: int = 128, shuffle: bool = False, seed: int = 0) -> DataLoader:
-    """A DataLoader whose shuffling is fixed by ``seed``."""
-    g = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=g)
+def chapter_data(P) -> tuple:
+    """A chapter's data from its profile: ``P.n_train`` training images and ``P.n_test`` test images
+    (class-balanced subsets seeded by ``P.seed`` and ``P.seed + 1``), the test images as tensors."""
+    train_set = balanced_subset(load_dataset(P.dataset, "train"), P.n_train, seed=P.seed)
+    x_test, y_test = balanced_subset(load_dataset(P.dataset, "test"), P.n_test, seed=P.seed + 1).tensors()
+    return train_set, x_test, y_test

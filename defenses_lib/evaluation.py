@@ -21,6 +21,9 @@ from .runtime import model_device, progress, record
 from .stats import Estimate, accuracy_interval
 
 
+WORST = "worst case"   # the row of a result that takes, per example, the worst over every row
+
+
 def _batches(n: int, batch_size: int):
     """Slices that cover range(n) in batches."""
     return [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
@@ -62,7 +65,7 @@ def run_attack(attack, model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch
 
 
 def correctness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: int = 1) -> torch.Tensor:
-    """Per example: right or wrong (bool); with ``repeats`` > 1, the fraction of that many independent predictions that are right.
+    """Per example: right or wrong (bool); with ``repeats`` > 1, the fraction of that many predictions that are right.
 
     For a randomized defense the fraction estimates the probability, over the defense's own
     randomness, that it classifies the example correctly: accuracy as an expectation over draws.
@@ -89,7 +92,7 @@ class RobustResult:
 
     @property
     def worst_case(self) -> torch.Tensor:
-        """An example counts as robust only if it is right clean and under every attack (the minimum probability, if estimated)."""
+        """Robust only if right clean and under every attack (the smallest probability, if estimated)."""
         values = list(self.correct.values())
         if all(v.dtype == torch.bool for v in values):
             return torch.stack(values).all(0)
@@ -98,12 +101,32 @@ class RobustResult:
     def accuracy(self) -> dict[str, float]:
         """Accuracy per row, the worst case last."""
         acc = {k: v.float().mean().item() for k, v in self.correct.items()}
-        acc["worst case"] = self.worst_case.float().mean().item()
+        acc[WORST] = self.worst_case.float().mean().item()
         return acc
+
+    def only(self, *rows: str) -> "RobustResult":
+        """The clean row and ``rows`` alone, so the worst case is over those attacks only."""
+        missing = [r for r in rows if r not in self.correct]
+        if missing:
+            raise ValueError(f"rows must be among {list(self.correct)}, got {missing}")
+        return RobustResult({k: self.correct[k] for k in ("clean", *rows)},
+                            {k: v for k, v in self.seconds.items() if k in rows}, self.setting)
+
+    def merge(self, other: "RobustResult", setting: str | None = None) -> "RobustResult":
+        """Both results' rows on the examples both scored (the first ``min(n)``, as AutoAttack runs on a
+        prefix), so the worst case is over every attack of either; the clean row is this one's."""
+        n = min(self.n, other.n)
+        clash = (set(self.correct) & set(other.correct)) - {"clean"}
+        if clash:
+            raise ValueError(f"both results have the rows {sorted(clash)}: rename one before merging")
+        rows = {k: v[:n] for k, v in self.correct.items()}
+        rows.update({k: v[:n] for k, v in other.correct.items() if k != "clean"})
+        return RobustResult(rows, {**self.seconds, **other.seconds},
+                            self.setting if setting is None else setting)
 
     def outcomes(self) -> dict[str, torch.Tensor]:
         """Per-example outcomes per row, the worst case last (what paired tests compare)."""
-        return {**self.correct, "worst case": self.worst_case}
+        return {**self.correct, WORST: self.worst_case}
 
     def intervals(self, level: float = 0.95) -> dict[str, Estimate]:
         """Accuracy per row with its interval (Wilson's, or a bootstrap for a randomized defense's probabilities)."""
@@ -146,9 +169,17 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: dict, 
 def eps_sweep(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_list, attacks_at, batch_size: int = 250,
               setting: str = "", attack_model: nn.Module | None = None, repeats: int = 1) -> dict[float, RobustResult]:
     """``evaluate`` at each eps with the attacks ``attacks_at(eps)`` returns (clean only at eps = 0)."""
-    return {float(e): evaluate(model, x, y, attacks_at(e) if e > 0 else {}, batch_size, f"{setting} eps = {e:g}".strip(),
+    return {float(e): evaluate(model, x, y, attacks_at(e) if e > 0 else {}, batch_size,
+                               f"{setting} eps = {e:g}".strip(),
                                attack_model, repeats)
             for e in progress(list(eps_list), "eps sweep")}
+
+
+def outcomes_of(sweeps: dict[str, dict[float, RobustResult]], row: str = WORST):
+    """``out(name, eps, row=row)``: the per-example outcomes of one model's sweep at eps (for claims)."""
+    def out(name: str, eps: float, row: str = row) -> torch.Tensor:
+        return sweeps[name][eps].outcomes()[row]
+    return out
 
 
 def curve(sweep: dict[float, RobustResult], attack: str) -> dict[float, float]:
@@ -216,8 +247,8 @@ def _cell(v, digits: int) -> str:
     if isinstance(v, float):
         return "<td>–</td>" if math.isnan(v) else f"<td>{v:.{digits}f}</td>"
     if isinstance(v, Estimate):
-        f = lambda x: f"{v.scale * x:.{v.digits}f}"
-        return f"<td>{f(v.value)}<br><small style='white-space:nowrap'>[{f(v.low)}, {f(v.high)}]</small></td>"
+        interval = f"[{v.shown(v.low)}, {v.shown(v.high)}]"
+        return f"<td>{v.shown(v.value)}<br><small style='white-space:nowrap'>{interval}</small></td>"
     return f"<td>{html.escape(str(v))}</td>"
 
 
@@ -245,7 +276,7 @@ class Check:
 
 @dataclass
 class SanityReport:
-    """The gradient-masking sanity checks of EVALUATION.md, readable as text or HTML."""
+    """The gradient-masking sanity checks, readable as text or HTML."""
 
     checks: list[Check]
     setting: str
@@ -295,80 +326,117 @@ def is_randomized(model: nn.Module, x: torch.Tensor) -> bool:
         return not torch.allclose(model(x.to(dev)), model(x.to(dev)))
 
 
+@dataclass
+class _Probe:
+    """What the sanity checks of one run share: the data, the models and PGD's settings."""
+
+    model: nn.Module          # what predicts (accuracy is always its own)
+    target: nn.Module         # what the attacks differentiate
+    x: torch.Tensor
+    y: torch.Tensor
+    eps: float
+    norm: str
+    steps: int
+    repeats: int
+    batch_size: int
+    randomized: bool
+
+    def accuracy(self, x_adv: torch.Tensor, model: nn.Module | None = None) -> float:
+        """The model's accuracy on x_adv, scored over ``repeats`` predictions."""
+        m = self.model if model is None else model
+        return correctness(m, x_adv, self.y, self.repeats).float().mean().item()
+
+    def pgd(self, model: nn.Module | None = None, **kw) -> torch.Tensor:
+        """PGD against the target (or ``model``), without early stopping on a randomized defense."""
+        kw.setdefault("early_stop", not self.randomized)
+        kw.setdefault("eps", self.eps)
+        kw.setdefault("steps", self.steps)
+        kw.setdefault("alpha", 2.5 * kw["eps"] / kw["steps"])
+        m = self.target if model is None else model
+        return run_attack(partial(pgd, norm=self.norm, **kw), m, self.x, self.y, self.batch_size)
+
+
+def _pct(a: float) -> str:
+    """An accuracy as a percentage with one decimal."""
+    return f"{100 * a:.1f}%"
+
+
+def _iterative_beats_one_step(p: _Probe, a_pgd: float, runs: list[float]) -> Check:
+    """Check 1: PGD at least as strong as FGSM (l_inf) or one l_2 step."""
+    if p.norm == "linf":
+        one_step, name = run_attack(partial(fgsm, eps=p.eps), p.target, p.x, p.y, p.batch_size), "FGSM"
+    else:
+        one_step, name = p.pgd(steps=1, alpha=p.eps, random_start=False), "one step"
+    a_one = p.accuracy(one_step)
+    two = f" (two runs: {', '.join(map(_pct, runs))})" if p.randomized else ""
+    return Check("iterative beats single-step", a_pgd <= a_one + 1e-9,
+                 f"PGD-{p.steps} {_pct(a_pgd)}{two} <= {name} {_pct(a_one)}")
+
+
+def _falls_with_eps(p: _Probe, a_pgd: float, large_eps: float, chance: float, tol: float) -> Check:
+    """Check 2: accuracy falls with eps (eps/2, eps, 2 eps, large_eps) to chance + tol."""
+    acc = {e: p.accuracy(p.pgd(eps=e)) for e in (p.eps / 2, 2 * p.eps, large_eps)}
+    acc = dict(sorted({**acc, p.eps: a_pgd}.items()))
+    vals = list(acc.values())
+    monotone = all(b <= a + tol for a, b in zip(vals, vals[1:]))
+    detail = ", ".join(f"eps {e:.3g}: {_pct(a)}" for e, a in acc.items()) + f" (chance {100 * chance:.0f}%)"
+    return Check("accuracy falls with eps to chance", monotone and vals[-1] <= chance + tol, detail)
+
+
+def _converged(p: _Probe, a_pgd: float, slack: float) -> tuple[Check, float]:
+    """Check 3: twice the steps and two restarts change PGD's accuracy by at most ``slack``."""
+    a_more = p.accuracy(p.pgd(steps=2 * p.steps, restarts=2))
+    noise = f" (allowed: {100 * slack:.1f} points, run-to-run noise included)" if p.randomized else ""
+    return Check("attack has converged", abs(a_more - a_pgd) <= slack,
+                 f"PGD-{p.steps} {_pct(a_pgd)} vs PGD-{2 * p.steps} x 2 restarts {_pct(a_more)}{noise}"), a_more
+
+
+def _blackbox_not_stronger(p: _Probe, a_white: float, slack: float, n_queries: int) -> Check:
+    """Check 4: the black-box Square attack not stronger than PGD by more than ``slack``."""
+    a_sq = p.accuracy(square_attack(p.target, p.x, p.y, p.eps, p.norm, n_queries))
+    return Check("black-box not stronger than white-box", a_sq >= a_white - slack,
+                 f"Square ({n_queries} queries) {_pct(a_sq)} >= PGD {_pct(a_white)}")
+
+
+def _fixed_randomness(p: _Probe, fixed_model: nn.Module | None, a_pgd: float, slack: float) -> Check:
+    """Check 5: PGD against the defense with its randomness fixed is at least as strong."""
+    name = "fixed randomness: attack succeeds"
+    if not p.randomized:
+        return Check(name, None, "deterministic model: no randomness to fix")
+    if fixed_model is None:
+        return Check(name, False, "randomized model: pass fixed_model to run this check")
+    # no early stopping here either: a fixed seed may still draw other noise for a smaller batch
+    a_fixed = p.accuracy(p.pgd(fixed_model, early_stop=False), fixed_model)
+    return Check(name, a_fixed <= a_pgd + slack,
+                 f"PGD on the fixed-randomness model {_pct(a_fixed)} <= on the randomized one {_pct(a_pgd)}")
+
+
 def sanity_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str = "linf",
                   steps: int = 40, large_eps: float | None = None, n_queries: int = 1000,
                   fixed_model: nn.Module | None = None, tol: float = 0.03, num_classes: int = 10,
                   batch_size: int = 250, attack_model: nn.Module | None = None, repeats: int = 1) -> SanityReport:
-    """Run the five gradient-masking checks of EVALUATION.md on (x, y) at budget eps; return a report.
+    """The five gradient-masking checks (Carlini et al. 2019; Athalye et al. 2018) on (x, y) at eps.
 
     1. PGD is at least as strong as FGSM (l_inf) or a one-step attack (l_2).
-    2. Accuracy falls with eps (at eps/2, eps, 2 eps, ``large_eps``) and is below chance + tol at ``large_eps``.
+    2. Accuracy falls with eps (eps/2, eps, 2 eps, ``large_eps``) to below chance + tol.
     3. Twice the steps and two restarts change PGD's accuracy by at most ``tol``.
     4. The black-box Square attack (``n_queries``) is not stronger than PGD by more than ``tol``.
-    5. For a randomized model: PGD against ``fixed_model`` (the same defense with its randomness
-       fixed) is at least as strong as against the randomized one. Not applicable to a deterministic model.
+    5. A randomized model: PGD against ``fixed_model`` (its randomness fixed) is at least as strong.
 
-    On a randomized model two runs of the same attack differ by chance, so PGD is run twice, its
-    accuracy is the mean of the two runs, and checks 3 to 5 allow ``tol`` plus the difference
-    between the runs (the attack's measured run-to-run noise).
-
-    Every attack, Square included, is run against ``attack_model`` (default: the model itself, e.g. an
-    EOT average with fewer draws); every accuracy is the model's, scored over ``repeats`` predictions
-    (see :func:`correctness`). On a randomized model PGD runs without early stopping (see
-    :func:`~defenses_lib.attacks.pgd`).
+    On a randomized model PGD runs twice, without early stopping; checks 3 to 5 allow ``tol`` plus
+    the difference between the two runs. Every attack runs against ``attack_model`` (default: the
+    model); every accuracy is the model's, scored over ``repeats`` predictions.
     """
     check_inputs(x, y, eps, norm)
     large_eps = large_eps if large_eps is not None else (0.5 if norm == "linf" else 4 * eps)
-    alpha = 2.5 * eps / steps
-    randomized = is_randomized(model, x[:8])
-
-    def acc(m, x_adv):
-        return correctness(m, x_adv, y, repeats).float().mean().item()
-
-    target = attack_model or model
-
-    def atk(m, **kw):
-        kw.setdefault("early_stop", not randomized)
-        return run_attack(partial(pgd, norm=norm, **kw), m, x, y, batch_size)
-
-    runs = [acc(model, atk(target, eps=eps, steps=steps, alpha=alpha)) for _ in range(2 if randomized else 1)]
-    a_pgd, noise = sum(runs) / len(runs), max(runs) - min(runs)
-    slack = tol + noise
-    one_step = (run_attack(partial(fgsm, eps=eps), target, x, y, batch_size) if norm == "linf"
-                else atk(target, eps=eps, steps=1, alpha=eps, random_start=False))
-    a_one = acc(model, one_step)
-    pgd_text = f"PGD-{steps} {100 * a_pgd:.1f}%" + (f" (two runs: {', '.join(f'{100 * a:.1f}%' for a in runs)})"
-                                                    if randomized else "")
-    checks = [Check("iterative beats single-step", a_pgd <= a_one + 1e-9,
-                    f"{pgd_text} <= {'FGSM' if norm == 'linf' else 'one step'} {100 * a_one:.1f}%")]
-
-    curve = {e: acc(model, atk(target, eps=e, steps=steps, alpha=2.5 * e / steps)) for e in (eps / 2, 2 * eps, large_eps)}
-    curve[eps] = a_pgd
-    curve = dict(sorted(curve.items()))
-    vals = list(curve.values())
-    monotone = all(b <= a + tol for a, b in zip(vals, vals[1:]))
-    chance = 1 / num_classes
-    checks.append(Check("accuracy falls with eps to chance", monotone and vals[-1] <= chance + tol,
-                        ", ".join(f"eps {e:.3g}: {100 * a:.1f}%" for e, a in curve.items()) + f" (chance {100 * chance:.0f}%)"))
-
-    a_more = acc(model, atk(target, eps=eps, steps=2 * steps, alpha=2.5 * eps / (2 * steps), restarts=2))
-    checks.append(Check("attack has converged", abs(a_more - a_pgd) <= slack,
-                        f"PGD-{steps} {100 * a_pgd:.1f}% vs PGD-{2 * steps} x 2 restarts {100 * a_more:.1f}%"
-                        + (f" (allowed: {100 * slack:.1f} points, run-to-run noise included)" if randomized else "")))
-
-    a_sq = acc(model, square_attack(target, x, y, eps, norm, n_queries))
-    checks.append(Check("black-box not stronger than white-box", a_sq >= min(a_pgd, a_more) - slack,
-                        f"Square ({n_queries} queries) {100 * a_sq:.1f}% >= PGD {100 * min(a_pgd, a_more):.1f}%"))
-
-    if not randomized:
-        checks.append(Check("fixed randomness: attack succeeds", None, "deterministic model: no randomness to fix"))
-    elif fixed_model is None:
-        checks.append(Check("fixed randomness: attack succeeds", False, "randomized model: pass fixed_model to run this check"))
-    else:
-        # no early stopping here either: a fixed seed may still draw other noise for a smaller batch
-        a_fixed = acc(fixed_model, atk(fixed_model, eps=eps, steps=steps, alpha=alpha, early_stop=False))
-        checks.append(Check("fixed randomness: attack succeeds", a_fixed <= a_pgd + slack,
-                            f"PGD on the fixed-randomness model {100 * a_fixed:.1f}% <= on the randomized one {100 * a_pgd:.1f}%"))
+    target = attack_model if attack_model is not None else model
+    p = _Probe(model, target, x, y, eps, norm, steps, repeats, batch_size, is_randomized(model, x[:8]))
+    runs = [p.accuracy(p.pgd()) for _ in range(2 if p.randomized else 1)]
+    a_pgd, slack = sum(runs) / len(runs), tol + max(runs) - min(runs)
+    checks = [_iterative_beats_one_step(p, a_pgd, runs), _falls_with_eps(p, a_pgd, large_eps, 1 / num_classes, tol)]
+    converged, a_more = _converged(p, a_pgd, slack)
+    checks += [converged, _blackbox_not_stronger(p, min(a_pgd, a_more), slack, n_queries),
+               _fixed_randomness(p, fixed_model, a_pgd, slack)]
     report = SanityReport(checks, f"{norm} eps = {eps:g}, n = {len(y)}")
     record("sanity checks", setting=report.setting, passed=report.passed,
            checks=[{"name": c.name, "status": report.status(c), "detail": c.detail} for c in checks])

@@ -40,7 +40,8 @@ class MnistCNN(nn.Module):
             nn.Conv2d(32, 64, 3, padding=1), activation(),
             nn.Conv2d(64, 64, 3, stride=2, padding=1), activation(),
         )
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(64 * 7 * 7, 100), activation(), nn.Linear(100, num_classes))
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(64 * 7 * 7, 100), activation(),
+                                        nn.Linear(100, num_classes))
 
     def forward(self, x):
         return self.classifier(self.features(x))
@@ -56,7 +57,8 @@ class TinyCNN(nn.Module):
             nn.Conv2d(in_channels, width, 3, stride=2, padding=1), nn.ReLU(),
             nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(7),
         )
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(2 * width * 49, 64), nn.ReLU(), nn.Linear(64, num_classes))
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(2 * width * 49, 64), nn.ReLU(),
+                                        nn.Linear(64, num_classes))
 
     def forward(self, x):
         return self.classifier(self.features(x))
@@ -88,7 +90,8 @@ class SmallCifarCNN(nn.Module):
                     nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), activation(), nn.MaxPool2d(2)]
 
         self.features = nn.Sequential(*block(3, width), *block(width, 2 * width), *block(2 * width, 4 * width))
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(4 * width * 16, 128), activation(), nn.Linear(128, num_classes))
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(4 * width * 16, 128), activation(),
+                                        nn.Linear(128, num_classes))
 
     def forward(self, x):
         return self.classifier(self.features(x))
@@ -117,7 +120,8 @@ class ResNet(nn.Module):
 
     def __init__(self, blocks=(2, 2, 2, 2), widths=(64, 128, 256, 512), in_channels: int = 3, num_classes: int = 10):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]),
+                                  nn.ReLU())
         layers, cin = [], widths[0]
         for i, (n, w) in enumerate(zip(blocks, widths)):
             for j in range(n):

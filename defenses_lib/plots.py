@@ -67,7 +67,8 @@ def show_adversarial(x: torch.Tensor, x_adv: torch.Tensor, pred: torch.Tensor, p
         ok = "right" if pred[i] == y[i] else "wrong"
         ok_adv = "right" if pred_adv[i] == y[i] else "wrong"
         _imshow(axes[i, 0], x[i], f"clean: {name(pred[i])} ({ok})")
-        _imshow(axes[i, 1], x_adv[i] - x[i], f"perturbation, max {float((x_adv[i] - x[i]).abs().max()):.2f}", cmap="seismic")
+        delta = x_adv[i] - x[i]
+        _imshow(axes[i, 1], delta, f"perturbation, max {float(delta.abs().max()):.2f}", cmap="seismic")
         _imshow(axes[i, 2], x_adv[i], f"adversarial: {name(pred_adv[i])} ({ok_adv})")
     if title:
         fig.suptitle(title, fontsize=10)
@@ -83,14 +84,15 @@ def show_transfer(x_adv: torch.Tensor, y: torch.Tensor, preds: dict[str, torch.T
         _imshow(ax, x_adv[i], f"label {name(y[i])}")
         lines = [(f"{who}: {name(p[i])}", "black" if p[i] == y[i] else "red") for who, p in preds.items()]
         for k, (text, colour) in enumerate(lines):
-            ax.text(0.5, -0.08 - 0.16 * k, text, transform=ax.transAxes, ha="center", va="top", fontsize=8, color=colour)
+            ax.text(0.5, -0.08 - 0.16 * k, text, transform=ax.transAxes, ha="center", va="top", fontsize=8,
+                    color=colour)
     if title:
         fig.suptitle(title, fontsize=9)
     return fig
 
 
 def show_stages(stages: dict[str, torch.Tensor], notes: dict[str, list[str]] | None = None, title: str = ""):
-    """A grid with one column per named stage of a pipeline (clean, transformed, purified, ...) and one row per image."""
+    """A grid with a column per stage of a pipeline (clean, transformed, purified, ...) and a row per image."""
     n = len(next(iter(stages.values())))
     fig, axes = plt.subplots(n, len(stages), figsize=(1.6 * len(stages), 1.75 * n), squeeze=False)
     for j, (stage, imgs) in enumerate(stages.items()):
@@ -122,3 +124,135 @@ def figure_png(fig, dpi: int = 80) -> bytes:
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     plt.close(fig)
     return buf.getvalue()
+
+
+def hvp_error_figure(errors: dict[str, list[float]], h_grid, h_train: float, costs: dict[str, float],
+                     rounds: int):
+    """Chapter 1: the finite-difference HVP's relative error against h, beside the cost of each product."""
+    fig, ax = plt.subplots(1, 2, figsize=(11.5, 3.8), gridspec_kw={"width_ratios": [3, 2]})
+    for name, errs in errors.items():
+        ax[0].loglog(h_grid, errs, marker="o", label=name)
+    ax[0].axvline(h_train, color="grey", ls=":", label=f"training h = {h_train:g}")
+    ax[0].set(xlabel="h (pixel units, $\\ell_2$)", ylabel="relative error vs exact HVP",
+              title="finite-difference HVP error")
+    ax[0].grid(alpha=0.3, which="both")
+    ax[0].legend(fontsize=8)
+    ax[1].barh(list(costs), [1000 * t for t in costs.values()], color=["grey", "C0", "C1"][:len(costs)])
+    ax[1].set(xlabel=f"ms per batch (fastest of {rounds} rounds)", title="cost, one member")
+    fig.tight_layout()
+    return fig
+
+
+def selector_figure(levels: dict[float, torch.Tensor], images: torch.Tensor, target: float, k: int = 4):
+    """Chapter 3: histograms of the raw selector output per target, and the images with the smallest
+    and largest output at ``target``."""
+    fig, ax = plt.subplots(1, 2, figsize=(11, 3.4))
+    for t, s in levels.items():
+        ax[0].hist(s.numpy(), bins=30, alpha=0.6, label=f"sigma_t = {t:g}")
+    ax[0].set(xlabel="selector output sigma_s(x)", ylabel="test images", title="raw selector output")
+    ax[0].legend()
+    order = levels[target].argsort()
+    pick = torch.cat([order[:k], order[-k:]])
+    ax[1].imshow(torch.cat([images[i, 0] for i in pick], 1).numpy(), cmap="gray")
+    ax[1].set(title=f"smallest (left {k}) and largest (right {k}) sigma_s at sigma_t = {target:g}",
+              xticks=[], yticks=[])
+    return fig
+
+
+def transport_figure(diag, title: str = "ARMOR_D (KL)"):
+    """Chapter 4: the implicit weights against the transported loss, and how far samples moved."""
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax[0].scatter(diag.loss_after, diag.weights, s=8, alpha=0.6)
+    ax[0].set(xscale="log", yscale="log", xlabel="loss of the transported sample",
+              ylabel="implicit weight (mean 1)", title=f"{title}: implicit weights, lambda = {diag.lam:.2f}")
+    moved = diag.moved
+    linf = moved.abs().amax(1)
+    ax[1].hist(moved.norm(dim=1), bins=30)
+    ax[1].set(xlabel=r"$\|x' - x\|_2$", ylabel="samples",
+              title=rf"distance moved ($\ell_\infty$ {linf.min():.2f} to {linf.max():.2f})")
+    fig.tight_layout()
+    return fig
+
+
+def success_figure(scores: dict[str, torch.Tensor], success: torch.Tensor, title: str = ""):
+    """Chapter 5: the softmax variance against the clean margin, coloured by attack success, and the
+    log-softmax variance's histogram for the two groups."""
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
+    groups = ((0, "tab:blue", "attack failed"), (1, "tab:red", "attack succeeded"))
+    for ok, colour, label in groups:
+        sel = success == ok
+        ax[0].scatter(scores["clean margin"][sel], scores["softmax variance"][sel], s=6, alpha=0.5,
+                      color=colour, label=label)
+    ax[0].set(yscale="log", xlabel="clean margin (true logit - best wrong logit)",
+              ylabel="wrong-class softmax variance", title="the CE model's test images")
+    ax[0].legend()
+    spread = scores["log-softmax variance"]
+    ax[1].hist([spread[success == ok].numpy() for ok, _, _ in groups], bins=30, density=True,
+               label=["failed", "succeeded"], color=[c for _, c, _ in groups])
+    ax[1].set(xlabel="wrong-class log-softmax variance", ylabel="density", title=title)
+    ax[1].legend()
+    fig.tight_layout()
+    return fig
+
+
+def tradeoff_figure(accuracy: dict[str, list[float]], spread: list[float], labels: list[str], ax,
+                    title: str = "the a / b trade-off (a = 1)", ylabel: str = "accuracy (%)"):
+    """Chapter 5: accuracies (%) against b, with the mean wrong-class spread on a log right axis."""
+    for k, v in accuracy.items():
+        ax.plot(labels, v, marker="o", label=k)
+    ax.set(xlabel="b (0 = cross-entropy)", ylabel=ylabel, ylim=(-2, 102), title=title)
+    right = ax.twinx()
+    right.plot(labels, spread, color="grey", ls="--", marker="s", label="wrong-class spread (right axis)")
+    right.set(yscale="log", ylabel="mean wrong-class log-softmax variance")
+    ax.legend(loc="center left", fontsize=8)
+    right.legend(loc="lower left", fontsize=8)
+    return ax
+
+
+def _bars_with_intervals(ax, summary: dict[str, dict], columns: list[str]) -> None:
+    """Horizontal bars (%) with 95% interval whiskers, one group per row of ``summary``."""
+    names, width = list(summary), 0.8 / len(columns)
+    for i, c in enumerate(columns):
+        est = [summary[n][c] if not isinstance(summary[n][c], str) else None for n in names]
+        vals = [100 * e.value if e else 0 for e in est]
+        err = [[100 * (e.value - e.low) if e else 0 for e in est], [100 * (e.high - e.value) if e else 0 for e in est]]
+        ax.barh([k + i * width for k in range(len(names))], vals, height=width, label=c, xerr=err,
+                error_kw={"elinewidth": 0.8, "capsize": 1.5, "ecolor": "0.3"})
+    ax.set_yticks([k + 0.4 - width / 2 for k in range(len(names))], names)
+    ax.invert_yaxis()
+    ax.set(xlabel="accuracy (%), with 95% intervals", xlim=(0, 100),
+           title="accuracy: clean, worst case under attack, certified")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3)
+
+
+def _robustness_against_cost(ax, summary: dict[str, dict], costs: dict[str, dict], column: str) -> None:
+    """A point per defense: training cost (log scale) against ``column``, with its interval."""
+    from matplotlib.ticker import LogLocator, NullLocator, ScalarFormatter
+
+    placed = []
+    for n, row in summary.items():
+        c, e = costs[n], row[column]
+        xy = (c["standard epochs"], 100 * e.value)
+        ax.scatter(*xy, s=30 + 12 * c["forward passes"] ** 0.5, alpha=0.7)
+        ax.errorbar(*xy, yerr=[[100 * (e.value - e.low)], [100 * (e.high - e.value)]], fmt="none",
+                    ecolor="0.7", lw=0.8)
+        below = sum(0.7 < xy[0] / p[0] < 1.4 and abs(xy[1] - p[1]) < 3 for p in placed)  # overlapping labels
+        ax.annotate(n, xy, fontsize=8, xytext=(4, 3 - 10 * below), textcoords="offset points")
+        placed.append(xy)
+    ax.set(xscale="log", xlabel="training cost (standard epochs, FLOPs)", ylabel=f"{column} (%), 95% interval",
+           title="robustness against training cost\n(marker area grows with the cost of a prediction)")
+    ax.xaxis.set_major_locator(LogLocator(base=2))
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.grid(alpha=0.3)
+
+
+def comparison_figure(summary: dict[str, dict], costs: dict[str, dict], column: str, max_columns: int = 5):
+    """Chapter 6: every defense's clean, worst-case and certified accuracy, and robustness against cost."""
+    first = next(iter(summary.values()))
+    cols = [c for c in first if c == "clean" or c.startswith(("worst case", "certified"))][:max_columns]
+    fig, ax = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [3, 2]})
+    _bars_with_intervals(ax[0], summary, cols)
+    _robustness_against_cost(ax[1], summary, costs, column)
+    fig.tight_layout()
+    return fig

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 from tqdm.auto import tqdm
-from tqdm.asyncio import tqdm as text_tqdm  # the class tqdm.auto builds on outside notebooks: see progress()
+from tqdm.std import tqdm as text_tqdm
 
 PROGRESS_ENV = "DEFENSES_PROGRESS"  # "terminal": plain-text bars on the process's own stderr (headless runs)
 METRICS_ENV = "DEFENSES_METRICS"    # a file the library appends what it trained and evaluated to (JSON lines)
@@ -47,39 +47,28 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def progress(iterable, desc: str | None = None, enabled: bool = True, **kwargs):
-    """A ``tqdm.auto`` bar that closes when done; ``TQDM_DISABLE=1`` in the environment turns all bars off,
-    and under torchrun only the first process shows them.
+    """A ``tqdm.auto`` bar that closes when done; ``TQDM_DISABLE=1`` in the environment turns all bars
+    off, and under torchrun only the first process shows them.
 
     With ``DEFENSES_PROGRESS=terminal`` (set by :mod:`defenses_lib.run`) the bar is plain text on the
     process's own stderr, updated every 30 s: a headless kernel's terminal, not the notebook's outputs.
-    Every kind of bar here, shown or not, is a ``tqdm.asyncio`` bar, which calls ``iter()`` on its
-    iterable once more than ``tqdm.std`` does; a shuffling DataLoader draws its order from its generator
-    on each ``iter()``, so the bar's class must not change with the display or training would see other
-    batches (a test checks that it does not).
     """
-    quiet = os.environ.get("TQDM_DISABLE") == "1" or os.environ.get("RANK", "0") != "0"  # tqdm.notebook ignores
-    if not enabled or quiet:                                                               # TQDM_DISABLE itself
+    # tqdm.notebook ignores TQDM_DISABLE itself, so it is read here
+    quiet = os.environ.get("TQDM_DISABLE") == "1" or os.environ.get("RANK", "0") != "0"
+    if not enabled or quiet:
         kwargs["disable"] = True
     if os.environ.get(PROGRESS_ENV) == "terminal":
         return text_tqdm(iterable, desc=desc, leave=False, file=sys.__stderr__, mininterval=30, **kwargs)
     return tqdm(iterable, desc=desc, leave=False, **kwargs)
 
 
-RECORDS: list[dict] = []  # everything recorded in this process, in order (see records())
-
-
 def record(kind: str, **fields) -> None:
-    """Keep ``{"kind": kind, **fields}`` in memory, and append it as a JSON line to the file ``$DEFENSES_METRICS`` names, if any."""
-    RECORDS.append({"kind": kind, **fields})
+    """Append ``{"kind": kind, **fields}`` as a JSON line to the file ``$DEFENSES_METRICS`` names, if any
+    (the headless runner's metrics; nothing else reads it)."""
     path = os.environ.get(METRICS_ENV)
     if path:
         with open(path, "a") as f:
             f.write(json.dumps({"kind": kind, **fields}, default=str) + "\n")
-
-
-def records(kind: str, since: int = 0) -> list[dict]:
-    """The records of ``kind`` made in this process from position ``since`` of ``RECORDS`` on."""
-    return [r for r in RECORDS[since:] if r["kind"] == kind]
 
 
 class FlopCount(TorchDispatchMode):
@@ -146,7 +135,7 @@ def timing_rounds(fns: dict, rounds: int = 5, repeat: int = 1, warmup: int = 1) 
 
 
 def atomic_write(path: str | os.PathLike, write) -> None:
-    """``write(tmp)`` to a temporary file in ``path``'s folder, then rename it to ``path``: never a half-written file."""
+    """``write(tmp)`` to a temporary file in ``path``'s folder, then rename it to ``path``: never half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
@@ -157,3 +146,13 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def stored_results(name: str) -> dict[str, dict]:
+    """The JSON result files of a headless run stored under the repository's ``results/<name>/``
+    (found from the working folder, its parent, or beside the package), by their ``model`` field."""
+    here = Path(__file__).resolve().parent.parent
+    folders = [Path("results"), Path("..") / "results", here / "results"]
+    folder = next((f / name for f in folders if (f / name).is_dir()), folders[0] / name)
+    runs = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    return {r["model"]: r for r in runs}

@@ -30,7 +30,8 @@ def _check_level(level: float) -> None:
 
 def _check_counts(k, n) -> None:
     """Raise unless 0 <= k <= n are integers and n >= 1."""
-    if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in (k, n)) or not 0 <= k <= n or n < 1:
+    integers = all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in (k, n))
+    if not integers or not 0 <= k <= n or n < 1:
         raise ValueError(f"counts must be integers with 0 <= k <= n and n >= 1, got k={k!r}, n={n!r}")
 
 
@@ -98,9 +99,12 @@ class Estimate:
     scale: float = 100.0   # shown in percent; 1 for a plain number (a ratio)
     digits: int = 1
 
+    def shown(self, v: float) -> str:
+        """v in this estimate's scale and digits."""
+        return f"{self.scale * v:.{self.digits}f}"
+
     def __str__(self) -> str:
-        f = lambda v: f"{self.scale * v:.{self.digits}f}"
-        return f"{f(self.value)} [{f(self.low)}, {f(self.high)}]"
+        return f"{self.shown(self.value)} [{self.shown(self.low)}, {self.shown(self.high)}]"
 
     def __format__(self, spec: str) -> str:
         return format(str(self), spec)
@@ -268,3 +272,49 @@ def seed_summary(values, level: float = 0.95) -> dict:
     half = sps.t.ppf(0.5 + level / 2, len(a) - 1) * sd / math.sqrt(len(a))
     return {"mean": float(a.mean()), "sd": float(sd), "low": float(a.mean() - half), "high": float(a.mean() + half),
             "seeds": len(a)}
+
+
+def auc(score, label) -> float:
+    """P(score of a positive > score of a negative), ties counting half: Mann-Whitney's U / (n1 n0)."""
+    s, lab = np.asarray(score, dtype=np.float64), np.asarray(label).astype(bool)
+    if s.shape != lab.shape or lab.all() or not lab.any():
+        raise ValueError(f"score and label must have one shape and label both classes, got {s.shape}, {lab.shape}")
+    pos, neg = s[lab], s[~lab]
+    return float(sps.mannwhitneyu(pos, neg).statistic) / (len(pos) * len(neg))
+
+
+def _residual(v: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """v with its least-squares fit on c removed (both centred)."""
+    v, c = v - v.mean(), c - c.mean()
+    return v - (v @ c) / (c @ c) * c
+
+
+def partial_spearman(a, b, control) -> float:
+    """Spearman correlation of a and b once the ranks of ``control`` are regressed out of both."""
+    ra, rb, rc = (sps.rankdata(np.asarray(v, dtype=np.float64)) for v in (a, b, control))
+    return float(sps.pearsonr(_residual(ra, rc), _residual(rb, rc)).statistic)
+
+
+def fisher_interval(r: float, n: int, controls: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Fisher's z interval of a (partial) correlation r on n samples with ``controls`` variables held fixed."""
+    _check_level(level)
+    if not -1 < r < 1 or n - controls <= 3:
+        raise ValueError(f"need -1 < r < 1 and n - controls > 3, got r={r}, n={n}, controls={controls}")
+    half = sps.norm.ppf(0.5 + level / 2) / math.sqrt(n - controls - 3)
+    return math.tanh(math.atanh(r) - half), math.tanh(math.atanh(r) + half)
+
+
+def spearman_interval(score, outcome, draws: int = 1_000, level: float = 0.95, seed: int = 0) -> Estimate:
+    """Spearman's correlation of ``score`` with ``outcome`` and a seeded percentile bootstrap interval."""
+    _check_level(level)
+    s, o = np.asarray(score, dtype=np.float64), np.asarray(outcome, dtype=np.float64)
+    if s.shape != o.shape or s.ndim != 1 or len(s) < 3:
+        raise ValueError(f"score and outcome must be 1-D of one length >= 3, got {s.shape} and {o.shape}")
+    rng = np.random.default_rng(seed)
+    boot = []
+    for _ in range(draws):
+        i = rng.integers(0, len(s), len(s))
+        boot.append(sps.spearmanr(s[i], o[i]).statistic)
+    low, high = np.quantile(np.nan_to_num(np.asarray(boot)), [0.5 - level / 2, 0.5 + level / 2])
+    r = float(sps.spearmanr(s, o).statistic)
+    return Estimate(r, float(low), float(high), len(s), "percentile bootstrap", level, scale=1.0, digits=3)

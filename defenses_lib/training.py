@@ -3,88 +3,33 @@
 A loss is any callable ``loss_fn(model, x, y) -> scalar``. If it is an ``nn.Module`` with parameters
 of its own (a learned dual variable, say), the loop optimises them too and saves them in the
 checkpoint: with the model's optimizer, or with Adam at ``loss_lr`` when that is given.
+
+``fit`` names a checkpoint by a hash of everything that shapes the weights (the recipe, every
+constructor argument of the loss and the model, the schedule) and returns a :class:`Training`:
+the model, its loss and the record of the run. The baseline losses are in
+:mod:`defenses_lib.defenses.baselines`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from . import distributed
-from .attacks import attack_mode, check_inputs, pgd, project
+from .config import config
 from .models import build_model
-from .runtime import FlopCount, atomic_write, pick_device, progress, record, seed_everything, timeit
+from .runtime import atomic_write, count_flops, pick_device, progress, record, seed_everything, timeit
 
 RUNS_ENV = "DEFENSES_RUNS"
-
-
-class CrossEntropy(nn.Module):
-    """Standard training: cross-entropy on clean inputs."""
-
-    def forward(self, model, x, y):
-        return F.cross_entropy(model(x), y)
-
-
-class PGDAdversarialLoss(nn.Module):
-    """Madry et al.'s adversarial training: cross-entropy on PGD examples made against the current model.
-
-    ``steps=1, alpha=eps, random_start=False`` is FGSM adversarial training (Goodfellow et al.).
-    """
-
-    def __init__(self, eps: float, steps: int = 7, alpha: float | None = None, norm: str = "linf",
-                 random_start: bool = True):
-        super().__init__()
-        check_inputs(torch.zeros(1, 1, 1, 1), eps=eps, norm=norm)
-        self.eps, self.steps, self.alpha, self.norm, self.random_start = eps, steps, alpha, norm, random_start
-
-    def extra_repr(self) -> str:
-        start = "" if self.random_start else ", random_start=False"
-        return f"eps={self.eps}, steps={self.steps}, alpha={self.alpha}, norm={self.norm!r}{start}"
-
-    def forward(self, model, x, y):
-        x_adv = pgd(model, x, y, self.eps, self.alpha, self.steps, self.norm, random_start=self.random_start,
-                    early_stop=False)
-        return F.cross_entropy(model(x_adv), y)
-
-
-class TradesLoss(nn.Module):
-    """TRADES (Zhang et al.): CE(f(x), y) + beta * KL(f(x) || f(x')), x' maximising the KL in the l_inf ball."""
-
-    def __init__(self, eps: float, beta: float = 6.0, steps: int = 7, alpha: float | None = None):
-        super().__init__()
-        check_inputs(torch.zeros(1, 1, 1, 1), eps=eps)
-        self.eps, self.beta, self.steps = eps, beta, steps
-        self.alpha = 2.5 * eps / steps if alpha is None else alpha
-
-    def extra_repr(self) -> str:
-        return f"eps={self.eps}, beta={self.beta}, steps={self.steps}, alpha={self.alpha}"
-
-    def adversary(self, model, x):
-        """The KL-maximising point x' (TRADES' inner problem), started at x + 0.001 * noise."""
-        with attack_mode(model):
-            p_clean = F.softmax(model(x), 1).detach()
-            x_adv = (x + 0.001 * torch.randn_like(x)).clamp(0, 1)
-            for _ in range(self.steps):
-                x_adv.requires_grad_(True)
-                kl = F.kl_div(F.log_softmax(model(x_adv), 1), p_clean, reduction="sum")
-                grad, = torch.autograd.grad(kl, x_adv)
-                x_adv = project(x_adv.detach() + self.alpha * grad.sign(), x, self.eps, "linf")
-        return x_adv
-
-    def forward(self, model, x, y):
-        x_adv = self.adversary(model, x)
-        logits = model(x)
-        kl = F.kl_div(F.log_softmax(model(x_adv), 1), F.softmax(logits, 1), reduction="batchmean")
-        return F.cross_entropy(logits, y) + self.beta * kl
 
 
 def recipe_hash(recipe: dict) -> str:
@@ -119,9 +64,48 @@ def _optimizer(params, name: str, lr: float, weight_decay: float, momentum: floa
 
 
 def _epoch_loader(dataset, batch_size: int, seed: int, epoch: int) -> DataLoader:
-    """The epoch's loader; its order depends only on (seed, epoch), so a resumed run sees the same batches."""
+    """The epoch's batches, in an order drawn once from (seed, epoch): the same whatever iterates them."""
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=g, drop_last=False)
+    order = torch.randperm(len(dataset), generator=g).tolist()
+    return DataLoader(dataset, batch_size=batch_size, sampler=order)
+
+
+def _optimizers(model, loss_fn, optimizer, lr, weight_decay, momentum, loss_lr) -> list:
+    """The model's optimizer (with the loss's parameters, unless they get their own Adam at ``loss_lr``)."""
+    extra = _loss_parameters(loss_fn)
+    own = list(model.parameters()) + (extra if loss_lr is None else [])
+    opts = [_optimizer(own, optimizer, lr, weight_decay, momentum)]
+    if extra and loss_lr is not None:
+        opts.append(_optimizer(extra, "adam", loss_lr, 0.0, momentum))
+    return opts
+
+
+def _loss_parameters(loss_fn) -> list:
+    """The loss's own trainable parameters (none for a plain function)."""
+    return list(loss_fn.parameters()) if isinstance(loss_fn, nn.Module) else []
+
+
+def _restore(state, model, loss_fn, opts, sched) -> tuple[int, list]:
+    """Load a checkpoint's state into the run; returns (epochs done, history)."""
+    model.load_state_dict(state["model"])
+    for o, o_state in zip(opts, state["optimizer"]):
+        o.load_state_dict(o_state)
+    sched.load_state_dict(state["scheduler"])
+    if isinstance(loss_fn, nn.Module):
+        loss_fn.load_state_dict(state["loss"])
+    torch.set_rng_state(state["rng"].cpu())
+    if state["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([t.cpu() for t in state["cuda_rng"]])
+    return state["epoch"], state["history"]
+
+
+def _save(path, model, loss_fn, opts, sched, epoch: int, history: list) -> None:
+    """Write the run's state after ``epoch`` epochs, atomically."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    atomic_save({"model": model.state_dict(), "optimizer": [o.state_dict() for o in opts],
+                 "scheduler": sched.state_dict(),
+                 "loss": loss_fn.state_dict() if isinstance(loss_fn, nn.Module) else {},
+                 "rng": torch.get_rng_state(), "epoch": epoch, "history": history, "cuda_rng": cuda}, path)
 
 
 def train(model: nn.Module, dataset, loss_fn, *, epochs: int, batch_size: int = 128, optimizer: str = "adam",
@@ -132,14 +116,10 @@ def train(model: nn.Module, dataset, loss_fn, *, epochs: int, batch_size: int = 
 
     With ``checkpoint``, the state is saved atomically after every epoch; a run started again with
     the same arguments resumes where it stopped and ends with the same weights as an uninterrupted
-    run. A finished checkpoint is simply loaded. ``milestones`` are the epochs where lr is multiplied
-    by ``gamma``. A loss with a ``set_epoch(epoch)`` method (a schedule) is told each epoch first.
-    The loss's own parameters, if any, get their own Adam optimizer at ``loss_lr`` (no schedule) when
-    ``loss_lr`` is given, else they join the model's optimizer.
-
-    Launched by ``torchrun`` with several processes, the model trains in DistributedDataParallel, each
-    process on its slice of every batch (see :mod:`defenses_lib.distributed`); only the first process
-    writes the checkpoint and shows progress.
+    run. A finished checkpoint is simply loaded. ``milestones`` are the epochs where lr is
+    multiplied by ``gamma``. A loss with a ``set_epoch(epoch)`` method (a schedule) is told each
+    epoch first. Under ``torchrun`` the model trains in DistributedDataParallel, each process on its
+    slice of every batch (see :mod:`defenses_lib.distributed`); only the first process writes.
     """
     if epochs < 0 or batch_size < 1:
         raise ValueError(f"epochs must be >= 0 and batch_size >= 1, got epochs={epochs}, batch_size={batch_size}")
@@ -148,106 +128,129 @@ def train(model: nn.Module, dataset, loss_fn, *, epochs: int, batch_size: int = 
     device = pick_device(device) if not isinstance(device, torch.device) else device
     model.to(device)
     loss_fn = loss_fn.to(device) if isinstance(loss_fn, nn.Module) else loss_fn
-    extra = list(loss_fn.parameters()) if isinstance(loss_fn, nn.Module) else []
-    opts = [_optimizer(list(model.parameters()) + (extra if loss_lr is None else []), optimizer, lr, weight_decay, momentum)]
-    if extra and loss_lr is not None:
-        opts.append(_optimizer(extra, "adam", loss_lr, 0.0, momentum))
+    opts = _optimizers(model, loss_fn, optimizer, lr, weight_decay, momentum, loss_lr)
     sched = torch.optim.lr_scheduler.MultiStepLR(opts[0], list(milestones), gamma)
     seed_everything(seed)
     start, history = 0, []
     if checkpoint is not None and Path(checkpoint).is_file():
-        state = load_checkpoint(checkpoint, device)
-        model.load_state_dict(state["model"])
-        for o, o_state in zip(opts, state["optimizer"]):
-            o.load_state_dict(o_state)
-        sched.load_state_dict(state["scheduler"])
-        if isinstance(loss_fn, nn.Module):
-            loss_fn.load_state_dict(state["loss"])
-        torch.set_rng_state(state["rng"].cpu())
-        if state["cuda_rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([t.cpu() for t in state["cuda_rng"]])
-        start, history = state["epoch"], state["history"]
+        start, history = _restore(load_checkpoint(checkpoint, device), model, loss_fn, opts, sched)
     net = distributed.wrap(model, device)
     for epoch in range(start, epochs):
         if hasattr(loss_fn, "set_epoch"):  # losses with a schedule (an h or eps ramp) follow the epoch
             loss_fn.set_epoch(epoch)
-        history.append(_run_epoch(net, dataset, loss_fn, opts, extra, batch_size, seed, epoch, device,
-                                  f"{desc} {epoch + 1}/{epochs}", show_progress and distributed.is_main()))
+        show = show_progress and distributed.is_main()
+        history.append(_run_epoch(net, dataset, loss_fn, opts, batch_size, seed, epoch, device,
+                                  f"{desc} {epoch + 1}/{epochs}", show))
         sched.step()
         if checkpoint is not None and distributed.is_main():
-            atomic_save({"model": model.state_dict(), "optimizer": [o.state_dict() for o in opts], "scheduler": sched.state_dict(),
-                         "loss": loss_fn.state_dict() if isinstance(loss_fn, nn.Module) else {},
-                         "rng": torch.get_rng_state(), "epoch": epoch + 1, "history": history,
-                         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-                        checkpoint)
+            _save(checkpoint, model, loss_fn, opts, sched, epoch + 1, history)
     model.eval()
     return history
 
 
-def _run_epoch(model, dataset, loss_fn, opts, extra, batch_size, seed, epoch, device, desc, show_progress) -> dict:
-    """One pass over the data (this process's slice of each batch); returns the mean loss, the examples seen,
-    the wall time and the FLOPs per example of the epoch's first step (forward and backward, see ``FlopCount``)."""
+def _run_epoch(model, dataset, loss_fn, opts, batch_size, seed, epoch, device, desc, show_progress) -> dict:
+    """One pass over the data (this process's slice of each batch): mean loss, examples seen, seconds."""
     model.train()
-    total, seen, flops, t0 = 0.0, 0, None, time.perf_counter()
+    total, seen, t0 = 0.0, 0, time.perf_counter()
     bar = progress(_epoch_loader(dataset, batch_size, seed, epoch), desc, enabled=show_progress)
     for x, y in bar:
         x, y, share = distributed.shard(x.to(device), y.to(device))
-        with FlopCount() if flops is None else contextlib.nullcontext() as counter:
-            loss = loss_fn(model, x, y)
-            for opt in opts:
-                opt.zero_grad(set_to_none=True)
-            (loss * share).backward()
-        if flops is None:
-            flops = counter.flops / len(y)
-        distributed.average_gradients(extra)
+        loss = loss_fn(model, x, y)
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
+        (loss * share).backward()
+        distributed.average_gradients(_loss_parameters(loss_fn))
         for opt in opts:
             opt.step()
         total += loss.item() * len(y)
         seen += len(y)
         bar.set_postfix(loss=f"{total / seen:.3f}", refresh=False)
-    return {"epoch": epoch + 1, "loss": total / max(seen, 1), "examples": seen, "seconds": time.perf_counter() - t0,
-            "flops_per_example": flops}
+    return {"epoch": epoch + 1, "loss": total / max(seen, 1), "examples": seen,
+            "seconds": time.perf_counter() - t0}
+
+
+@dataclass
+class Training:
+    """One ``fit``: the trained model, the loss it was trained with and the run's record."""
+
+    model: nn.Module
+    loss: Callable
+    record: dict   # name, checkpoint, recipe (what was hashed), how (trained, resumed, loaded), history
+    trainable: list[bool] | None = None   # which of the model's parameters it trained (None: all)
+
+    @property
+    def seconds(self) -> float:
+        """Wall time of the training as recorded (when it was trained, not when it was loaded)."""
+        return sum(h["seconds"] for h in self.record["history"])
+
+    @property
+    def examples(self) -> int:
+        """Training examples seen, over all epochs."""
+        return sum(h["examples"] for h in self.record["history"])
+
+    def flops_per_example(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """FLOPs of one training step (forward and backward of the loss) per example of (x, y)."""
+        def step():
+            self.loss(self.model, x, y).backward()
+
+        params = list(self.model.parameters())
+        flags = [p.requires_grad for p in params]
+        for p, on in zip(params, self.trainable or [True] * len(params)):
+            p.requires_grad_(on)   # as in training (a model frozen later, a classifier frozen then)
+        self.model.train()
+        try:
+            return count_flops(step) / len(x)
+        finally:
+            for p, on in zip(params, flags):
+                p.requires_grad_(on)
+            self.model.zero_grad(set_to_none=True)
+            if isinstance(self.loss, nn.Module):
+                self.loss.zero_grad(set_to_none=True)
+            self.model.eval()
+
+
+def identity(model: nn.Module, loss_fn, recipe: dict, name: str, epochs: int, train_kwargs: dict) -> dict:
+    """Everything that shapes a run's weights: the recipe, the loss's and the model's constructor
+    arguments (see :mod:`defenses_lib.config`), the epochs and the schedule."""
+    schedule = {k: v for k, v in train_kwargs.items() if k not in ("device", "show_progress", "desc")}
+    return dict(recipe, name=name, loss=config(loss_fn), model=config(model), epochs=epochs, **schedule)
 
 
 def fit(model: nn.Module, dataset, loss_fn, *, chapter: str, name: str, recipe: dict, epochs: int,
-        **train_kwargs) -> nn.Module:
-    """``train`` with a checkpoint named by the recipe's hash (a finished run is loaded); returns the model in eval mode on the CPU.
+        **train_kwargs) -> Training:
+    """``train`` with a checkpoint named by a hash of its :func:`identity` (a finished run is loaded).
 
-    ``recipe`` must identify everything that shapes the weights besides the loss, the epochs and
-    ``train_kwargs`` (which are added to it): the data, the architecture, the initial weights.
+    ``recipe`` names what shapes the weights besides the loss, the model and the schedule: the
+    data and the initial weights. Returns the model in eval mode, on the device it trained on.
     """
-    full = dict(recipe, name=name, loss=repr(loss_fn), epochs=epochs, **train_kwargs)
-    full.pop("device", None)
+    full = identity(model, loss_fn, recipe, name, epochs, train_kwargs)
     path = run_dir(chapter) / f"{name}-{recipe_hash(full)}.pt"
     done = load_checkpoint(path)["epoch"] if path.is_file() else 0
     history = train(model, dataset, loss_fn, epochs=epochs, checkpoint=path, desc=name, **train_kwargs)
     how = "finished run loaded" if done >= epochs else f"resumed after epoch {done}" if done else "trained now"
-    record("training", name=name, checkpoint=str(path), recipe=full, how=how, history=history)
-    print(f"{name}: {epochs} epochs on {len(dataset)} images, {sum(h['seconds'] for h in history):.0f} s of training, "
-          f"final training loss {history[-1]['loss'] if history else float('nan'):.3f} ({how}, {path.name})")
-    return model.cpu().eval()
+    rec = dict(name=name, checkpoint=str(path), recipe=full, how=how, history=history)
+    record("training", **rec)
+    final = history[-1]["loss"] if history else float("nan")
+    print(f"{name}: {epochs} epochs on {len(dataset)} images, {sum(h['seconds'] for h in history):.0f} s "
+          f"of training, final training loss {final:.3f} ({how}, {path.name})")
+    return Training(model.eval(), loss_fn, rec, [p.requires_grad for p in model.parameters()])
 
 
-def train_models(P, train_set, losses: dict[str, nn.Module], *, arch: str, epochs: int, device=None,
-                 chapter: str, **schedule) -> dict[str, nn.Module]:
-    """Train one ``arch`` per loss on the same data, seed and schedule: the profile's batch size, optimizer,
-    lr, momentum and milestones, each replaceable through ``schedule``.
-
-    A loss with an ``lr`` attribute (ARMOR_D's dual variables) trains its own parameters with Adam at
-    that rate; the trained loss objects keep them. Returns the models in eval mode on the CPU.
-    """
-    kw = dict(batch_size=P.batch_size, optimizer=P.optimizer, lr=P.lr, momentum=P.momentum, milestones=P.milestones)
-    kw.update(schedule)
-    models = {}
+def train_each(P, train_set, losses: dict, *, chapter: str, arch: str | None = None, epochs: int,
+               device=None, **schedule) -> dict[str, Training]:
+    """One network per loss, each from the same initial weights, on the profile's data and schedule
+    (any of it replaceable through ``schedule``). A loss with an ``lr`` attribute (ARMOR_D's dual
+    variables) trains its own parameters with Adam at that rate."""
+    kw = dict(P.schedule(), **schedule)
+    arch = arch or P.arch
+    out = {}
     for name, loss in losses.items():
         seed_everything(P.seed)  # the same initial weights for every model
         model = build_model(arch, P.dataset)
-        recipe = dict(arch=arch, dataset=P.dataset, n_train=len(train_set), seed=P.seed)
-        fit(model, train_set, loss, chapter=chapter, name=name, recipe=recipe, epochs=epochs,
-            loss_lr=getattr(loss, "lr", None), seed=P.seed, device=device, **kw)
-        loss.cpu()
-        models[name] = model
-    return models
+        recipe = dict(arch=arch, dataset=P.dataset, n_train=len(train_set), data_seed=P.seed)
+        out[name] = fit(model, train_set, loss, chapter=chapter, name=name, recipe=recipe, epochs=epochs,
+                        loss_lr=getattr(loss, "lr", None), device=device, **kw)
+    return out
 
 
 def step_time(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor, repeat: int = 5) -> float:
@@ -261,3 +264,22 @@ def step_time(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor, repea
     finally:
         model.zero_grad(set_to_none=True)
         model.eval()
+
+
+class _FixedLogits(nn.Module):
+    """A stand-in network whose output is fixed logits, to time a loss without the network."""
+
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, x):
+        return self.logits
+
+
+def loss_time(loss_fn, logits: torch.Tensor, y: torch.Tensor, repeat: int = 200) -> float:
+    """Median seconds of ``loss_fn``'s forward and backward pass on fixed ``logits`` (the network not run)."""
+    def step():
+        z = logits.detach().clone().requires_grad_(True)
+        loss_fn(_FixedLogits(z), None, y).backward()
+    return timeit(step, repeat=repeat)

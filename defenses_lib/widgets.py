@@ -68,7 +68,8 @@ def transfer_explorer(ensembles: dict, x: torch.Tensor, y: torch.Tensor, eps_gri
         for s, t in itertools.permutations(range(len(members)), 2):
             row = []
             for e in eps_grid:
-                preds = {f"member {s + 1}": predict(members[s], adv[s, e]), f"member {t + 1}": predict(members[t], adv[s, e])}
+                preds = {f"member {s + 1}": predict(members[s], adv[s, e]),
+                         f"member {t + 1}": predict(members[t], adv[s, e])}
                 fooled = [int((p != y).sum()) for p in preds.values()]
                 title = (f"{ens_name}, eps = {e:.3f}: made on member {s + 1}; fools it on {fooled[0]}/{len(y)}, "
                          f"transfers to member {t + 1} on {fooled[1]}/{len(y)}")

@@ -4,7 +4,7 @@ Trains the chosen models of ``get_profile("armor", "paper")`` on the 60,000 MNIS
 (the paper's network, SGD lr 0.1 then 0.01 after epoch 5, batch 100, 10 epochs, seed 0), then
 evaluates each on the 10,000 test images under the paper's attacks (FGSM and PGD-40 at eps = 0.1,
 step 0.01, zero start) and ours (PGD-40 from a random start at eps = 0.1 and 0.3), and writes
-``OUT/<model>.json``. Training checkpoints after every epoch under $DEFENSES_RUNS/armor-paper, so
+``OUT/<model>.json``. Training checkpoints after every epoch under $DEFENSES_RUNS/armor, so
 running the same command again resumes. The commands this book ran are in results/armor_paper/README.md.
 """
 
@@ -20,22 +20,20 @@ from pathlib import Path
 import torch
 
 from defenses_lib.attacks import fgsm, pgd
-from defenses_lib.data import balanced_subset, load_dataset
-from defenses_lib.defenses.armor import armor_losses
-from defenses_lib.evaluation import evaluate
+from defenses_lib.data import chapter_data
+from defenses_lib.defenses import armor
 from defenses_lib.profiles import get_profile
 from defenses_lib.run import commit
-from defenses_lib.training import train_models
 
 
 def attacks(P) -> dict:
     """The paper's FGSM and PGD-40 at eps = 0.1 (zero start), and PGD-40 from a random start at each eval eps."""
     name = f"PGD-{P.eval_steps}"
     out = {"FGSM eps=0.1": partial(fgsm, eps=0.1),
-           f"{name} eps=0.1 (paper: zero start)": partial(pgd, eps=0.1, alpha=P.eval_alpha, steps=P.eval_steps,
+           f"{name} eps=0.1 (paper: zero start)": partial(pgd, eps=0.1, alpha=P.eval_step, steps=P.eval_steps,
                                                           random_start=False)}
     for e in P.eval_eps:
-        out[f"{name} eps={e:g} (random start)"] = partial(pgd, eps=e, alpha=P.eval_alpha, steps=P.eval_steps)
+        out[f"{name} eps={e:g} (random start)"] = partial(pgd, eps=e, alpha=P.eval_step, steps=P.eval_steps)
     return out
 
 
@@ -51,19 +49,18 @@ def main(argv=None) -> None:
     unknown = set(args.models) - set(P.models)
     if unknown:
         parser.error(f"--models must be among {list(P.models)}, got {sorted(unknown)}")
-    train_set = balanced_subset(load_dataset(P.dataset, "train"), P.n_train, seed=P.seed)
-    x, y = balanced_subset(load_dataset(P.dataset, "test"), P.n_test, seed=P.seed + 1).tensors()
+    train_set, x, y = chapter_data(P)
     args.out.mkdir(parents=True, exist_ok=True)
     for name in args.models:
-        loss = armor_losses(P)[name]
         t0 = time.perf_counter()
-        model = train_models(P, train_set, {name: loss}, arch=P.arch, epochs=P.epochs, device=args.device,
-                             chapter=f"armor-{args.profile}")[name]
+        defense = armor.build(P, train_set, device=args.device, names=[name])[name]
+        loss = defense.trainings[-1].loss
         t_train = time.perf_counter() - t0
-        result = evaluate(model, x, y, attacks(P), batch_size=500, setting=name)
+        result = defense.evaluate(x, y, attacks(P), batch_size=500)
         print(result)
-        record = {"model": name, "loss": repr(loss), "profile": args.profile, "n_train": len(train_set), "n_test": len(y),
-                  "epochs": P.epochs, "accuracy": result.accuracy(), "attack_seconds": result.seconds,
+        record = {"model": name, "loss": repr(loss), "profile": args.profile, "n_train": len(train_set),
+                  "n_test": len(y), "epochs": P.epochs, "accuracy": result.accuracy(),
+                  "attack_seconds": result.seconds,
                   "wall_seconds_this_call": time.perf_counter() - t0, "train_seconds_this_call": t_train,
                   "lambda": loss.lam.item() if hasattr(loss, "lam") else None,
                   "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),

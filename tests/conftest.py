@@ -25,7 +25,8 @@ def mnist_small(data_root):
     """A trained MNIST CNN (one epoch on 2,000 images) and 200 test images."""
     from defenses_lib.data import balanced_subset, load_dataset
     from defenses_lib.models import build_model
-    from defenses_lib.training import CrossEntropy, train
+    from defenses_lib.defenses.baselines import CrossEntropy
+    from defenses_lib.training import train
 
     torch.manual_seed(0)
     model = build_model("mnist_cnn", "mnist")
@@ -46,8 +47,7 @@ def paper_profile(data_root, tmp_path, monkeypatch):
 
     def make(chapter, **overrides):
         """The shrunk profile and its training data."""
-        P = get_profile(chapter, "paper")
-        P.update(overrides)
+        P = get_profile(chapter, "paper", **overrides)
         return P, balanced_subset(load_dataset(P.dataset, "train", data_root), P.n_train)
 
     return make

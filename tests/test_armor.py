@@ -50,7 +50,8 @@ def test_alpha_dual_equals_brute_force():
     lam, nu = loss.lam.item(), loss.nu.item()
 
     def f_star(t):
-        return alpha ** -1 * (alpha - 1) ** (alpha / (alpha - 1)) * max(t, 0) ** (alpha / (alpha - 1)) + 1 / (alpha * (alpha - 1))
+        e = alpha / (alpha - 1)
+        return alpha ** -1 * (alpha - 1) ** e * max(t, 0) ** e + 1 / (alpha * (alpha - 1))
 
     brute = 0.07 * lam + nu + lam * sum(f_star(v - nu / lam) for v in s.tolist()) / len(s)
     assert loss.dual(s, torch.tensor(lam, dtype=torch.float64)).item() == pytest.approx(brute, rel=1e-6)
@@ -81,7 +82,8 @@ def test_lambda_stays_positive_under_both_parametrisations():
 def test_lambda_positive_through_training_with_a_large_learning_rate():
     model, (x, y) = linear_model(), batch(n=32)
     loss = ArmorLoss(eps=5.0, cost=TransportCost(0.1), steps=2, step_size=0.01, lr=1.0)  # eps large: pushes lambda down
-    train(model, torch.utils.data.TensorDataset(x, y), loss, epochs=3, batch_size=8, loss_lr=loss.lr, show_progress=False)
+    train(model, torch.utils.data.TensorDataset(x, y), loss, epochs=3, batch_size=8, loss_lr=loss.lr,
+          show_progress=False)
     assert loss.lam.item() > 0
     assert loss.lam.item() < 1.0, "a large eps must pull lambda below its initial value"
 
@@ -185,3 +187,19 @@ def test_best_of_keeps_the_first_run_that_fools():
     x, y = torch.zeros(3, 1, 1, 1), torch.zeros(3, dtype=torch.long)
     out = best_of(attack, runs=5)(model, x, y)
     assert calls == [3, 3, 3] and torch.all(out == 3)
+
+
+def test_diagnostics_are_the_transport_and_weights_batch_by_batch():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    loss = ArmorLoss(eps=0.1, cost=TransportCost(0.1), steps=2, step_size=0.05)
+    x, y = torch.rand(10, 1, 4, 4), torch.randint(0, 3, (10,))
+    d = loss.diagnostics(model, x, y, batch_size=5)
+    x_tr = torch.cat([loss.transport(model, x[i:i + 5], y[i:i + 5]) for i in (0, 5)])
+    assert torch.allclose(d.x_transported, x_tr) and d.weights.shape == (10,)
+    after = torch.nn.functional.cross_entropy(model(x_tr), y, reduction="none").detach()
+    first = loss.sample_weights(after[:5], loss.cost(x[:5], x_tr[:5]))
+    assert torch.allclose(d.weights[:5], first) and d.weights[:5].mean().item() == pytest.approx(1.0)  # KL: mean 1
+    w = d.weights
+    assert d.effective_size == pytest.approx((w.sum() ** 2 / (w ** 2).sum() / 10).item())
+    assert 0.1 <= d.top_share(0.1) <= 1 and "effective size" in d.summary()

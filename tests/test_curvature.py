@@ -165,3 +165,27 @@ def test_transfer_explorer_has_a_view_per_pair_and_eps(tiny_model):
     chooser, slider = box.children[0].children
     assert len(chooser.options) == 6 and len(slider.options) == 2  # ordered pairs of 3 members, 2 budgets
     assert all(len(stack.children) == 2 for stack in box.children[1].children)
+
+
+def test_alignment_is_the_dlc_dispersion_per_example():
+    torch.manual_seed(0)
+    members = [nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.Softplus(), nn.Linear(8, 3)) for _ in range(3)]
+    ens, x, y = Ensemble(members), torch.rand(6, 1, 4, 4), torch.randint(0, 3, (6,))
+    loss = DLCLoss(h=0.1)
+    per = loss.alignment(ens, x, y)
+    assert per["|cos| of HVPs"].shape == (6,)
+    assert per["|cos| of HVPs"].mean().item() == pytest.approx(loss.terms(ens, x, y)["dispersion"].item(), rel=1e-5)
+    assert per["|cos| of gradients"].mean().item() == pytest.approx(loss.terms(ens, x, y)["first_order"].item(),
+                                                                    rel=1e-5)
+
+
+def test_the_smooth_twin_swaps_relus_and_the_fd_error_falls_with_h_on_it():
+    from defenses_lib.curvature import fd_relative_errors, smooth_twin
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+    twin = smooth_twin(net, beta=5.0)
+    assert isinstance(twin[2], nn.Softplus) and isinstance(net[2], nn.ReLU)
+    assert torch.equal(twin[1].weight, net[1].weight)
+    x, y = torch.rand(4, 1, 4, 4), torch.randint(0, 3, (4,))
+    errs = fd_relative_errors(twin, x, y, [1e-1, 1e-2, 1e-3], dtype=torch.float64)
+    assert errs[0] > errs[1] > errs[2]   # O(h) truncation error on a smooth net

@@ -1,12 +1,11 @@
 """Data: the offline layout, counts and labels, subsets, and the errors a user can meet."""
 
-import warnings
 
 import pytest
 import torch
 
 from defenses_lib import data
-from defenses_lib.data import DataNotFoundError, ImageDataset, balanced_subset, load_dataset, make_loader
+from defenses_lib.data import DataNotFoundError, ImageDataset, balanced_subset, chapter_data, load_dataset
 
 
 def test_mnist_offline(data_root):
@@ -87,10 +86,14 @@ def test_balanced_subset_is_balanced_and_deterministic(data_root):
         balanced_subset(test, 55)
 
 
-def test_loader_order_depends_only_on_seed(data_root):
-    test = balanced_subset(load_dataset("mnist", "test", data_root), 100)
-    first = [next(iter(make_loader(test, 10, shuffle=True, seed=7)))[1] for _ in range(2)]
-    assert torch.equal(*first)
+def test_chapter_data_is_the_profiles_subsets(data_root, monkeypatch):
+    from defenses_lib.profiles import get_profile
+    monkeypatch.setenv("DEFENSES_DATA", str(data_root))
+    P = get_profile("drsl", n_train=100, n_test=20, seed=3)
+    train_set, x, y = chapter_data(P)
+    assert len(train_set) == 100 and x.shape == (20, 1, 28, 28) and torch.bincount(y).tolist() == [2] * 10
+    _, x2, _ = chapter_data(P.replace(seed=4))
+    assert not torch.equal(x, x2)
 
 
 def test_image_dataset_checks_its_input():

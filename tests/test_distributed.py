@@ -25,7 +25,8 @@ def test_two_gloo_processes_train_the_same_model_as_one(tmp_path):
         for part in ("model", "loss"):
             for key, value in state[part].items():
                 other = two["states"][loss][part][key]
-                assert torch.allclose(value, other, atol=1e-5), f"{loss}: {part}.{key} differs by {(value - other).abs().max()}"
+                gap = (value - other).abs().max()
+                assert torch.allclose(value, other, atol=1e-5), f"{loss}: {part}.{key} differs by {gap}"
 
 
 def test_one_process_is_not_distributed():

@@ -90,3 +90,20 @@ def test_bad_arguments_are_named():
         squared_deviations(LOGITS, Y, center="median")
     with pytest.raises(ValueError, match="logits must have shape"):
         wrong_class_values(LOGITS[0], Y)
+
+
+def test_clean_scores_and_their_correlations_with_success():
+    from defenses_lib.defenses.drsl import clean_scores, success_correlations
+    logits = torch.tensor([[3.0, 1.0, 0.0], [0.5, 2.0, 1.5], [1.0, 1.0, 4.0], [2.0, 0.0, 1.9]])
+    y = torch.tensor([0, 1, 2, 0])
+    model = nn.Sequential(nn.Flatten())
+    s = clean_scores(model, logits.view(4, 3, 1, 1), y)
+    assert s["clean margin"].tolist() == pytest.approx([2.0, 0.5, 3.0, 0.1])
+    assert torch.allclose(s["log-softmax variance"], wrong_class_spread(logits, y, "logit"))
+    g = torch.Generator().manual_seed(0)
+    z, t = torch.randn(60, 10, generator=g), torch.randint(0, 10, (60,), generator=g)
+    scores = clean_scores(model, z.view(60, 10, 1, 1), t)
+    success = (scores["clean margin"] < scores["clean margin"].median()).float()   # success = a small margin
+    out = success_correlations(scores, success, draws=20)
+    assert out["clean margin"]["AUC"] == 0.0 and out["clean margin"]["Spearman r"].value < -0.8
+    assert "partial r | clean margin" in out["softmax variance"] and "partial r" not in str(out["clean margin"])

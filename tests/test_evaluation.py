@@ -7,8 +7,8 @@ import torch
 
 from defenses_lib import evaluation
 from defenses_lib.attacks import fgsm, pgd
-from defenses_lib.evaluation import (FixedRandomness, RobustResult, autoattack, curve, eps_sweep, evaluate, is_randomized,
-                                     sanity_checks, table_html)
+from defenses_lib.evaluation import (FixedRandomness, RobustResult, autoattack, curve, eps_sweep, evaluate,
+                                     is_randomized, sanity_checks, table_html)
 
 
 def test_worst_case_is_per_example(mnist_small):
@@ -146,3 +146,14 @@ def test_robust_result_shows_n_and_intervals():
     assert str(res).splitlines()[0] == "n = 50 toy, accuracy [95% interval]"
     assert "80.0%  [67.0, 88.8]" in str(res) and "[67.0, 88.8]" in res._repr_html_()
     assert res.intervals()["worst case"].value == 0.8
+
+
+def test_only_keeps_the_named_rows_and_outcomes_of_reads_a_sweep():
+    from defenses_lib.evaluation import outcomes_of
+    T, F = True, False
+    r = RobustResult({"clean": torch.tensor([T, T, T]), "a": torch.tensor([T, F, T]), "b": torch.tensor([F, T, T])})
+    assert r.only("a").worst_case.tolist() == [T, F, T] and r.worst_case.tolist() == [F, F, T]
+    with pytest.raises(ValueError, match="rows must be among"):
+        r.only("c")
+    out = outcomes_of({"m": {0.1: r}}, row="a")
+    assert out("m", 0.1).tolist() == [T, F, T] and out("m", 0.1, "worst case").tolist() == [F, F, T]

@@ -1,6 +1,8 @@
-"""Profiles: both exist for every chapter, bad names are refused, and the paper profile's own
-settings run for a few steps here (on a small slice of real data)."""
+"""Profiles: typed, frozen and documented; ``paper`` differs from ``quick`` only where it says so;
+bad names and values are refused; and every chapter's paper profile runs for a few steps here (on
+a small slice of real data) through the defense interface."""
 
+import dataclasses
 import json
 import runpy
 from functools import partial
@@ -9,106 +11,109 @@ from pathlib import Path
 import pytest
 import torch
 
-from defenses_lib.attacks import EOT, pgd
+from defenses_lib.attacks import pgd, rfgsm_k
 from defenses_lib.data import balanced_subset, load_dataset
-from defenses_lib.attacks import rfgsm_k
-from defenses_lib.defenses.armor import armor_losses, binary_losses
-from defenses_lib.defenses.drsl import drsl_losses
-from defenses_lib.defenses.ensembles import train_ensembles
-from defenses_lib.defenses.purification import train_purification
-from defenses_lib.defenses.smoothing import certify, certify_variational, train_smoothing
-from defenses_lib.evaluation import autoattack, evaluate
-from defenses_lib.models import build_model
-from defenses_lib.profiles import PROFILES, get_profile
-from defenses_lib.runtime import seed_everything
-from defenses_lib.training import PGDAdversarialLoss, TradesLoss, train, train_models
+from defenses_lib.defenses import armor, build
+from defenses_lib.profiles import PAPER, PROFILES, QUICK, get_profile
 
 
-def test_every_chapter_has_both_profiles():
+def test_every_chapter_has_both_profiles_of_one_type_and_every_field_is_described():
     for chapter, profiles in PROFILES.items():
         assert set(profiles) == {"quick", "paper"}, chapter
-        assert set(profiles["quick"]) == set(profiles["paper"]), f"{chapter}: the two profiles name different settings"
+        assert type(profiles["quick"]) is type(profiles["paper"]), chapter
+        assert all(doc for doc in profiles["quick"].docs().values()), f"{chapter}: a field without a description"
 
 
-def test_profile_from_environment(monkeypatch):
+def test_the_paper_profile_is_the_quick_one_with_its_changes():
+    for chapter in QUICK:
+        changes = PAPER[chapter].changes(QUICK[chapter])
+        assert changes["name"] == ("quick", "paper") and len(changes) > 5, chapter
+        assert QUICK[chapter].replace(**{k: new for k, (_, new) in changes.items()}) == PAPER[chapter]
+
+
+def test_profile_from_environment_and_overrides(monkeypatch):
     monkeypatch.setenv("DEFENSES_PROFILE", "paper")
     assert get_profile("foundations").name == "paper"
     assert get_profile("foundations", "quick").n_train < get_profile("foundations").n_train
+    assert get_profile("armor", "quick", seed=2).seed == 2 and QUICK["armor"].seed == 0
 
 
-def test_bad_profile_names():
+def test_bad_profile_names_and_values():
     with pytest.raises(ValueError, match="profile must be one of"):
         get_profile("foundations", "huge")
     with pytest.raises(ValueError, match="chapter must be one of"):
         get_profile("nope")
+    with pytest.raises(ValueError, match="has no setting epoch; its settings are"):
+        get_profile("armor", epoch=3)
+    with pytest.raises(ValueError, match="Armor.epochs must be int, got '3'"):
+        get_profile("armor", epochs="3")
+    with pytest.raises(ValueError, match="eval_eps must be"):
+        get_profile("drsl", eval_eps=0.1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        get_profile("drsl").epochs = 3
 
 
-def test_foundations_paper_profile_runs_a_few_steps(data_root):
-    P = get_profile("foundations", "paper")
-    seed_everything(P.seed)
-    data = balanced_subset(load_dataset(P.dataset, "train", data_root), 250)  # two optimiser steps
+def test_foundations_paper_profile_runs_a_few_steps(data_root, paper_profile):
+    P, data = paper_profile("foundations", n_train=250, epochs_standard=1, epochs_at=1)  # two steps each
     x, y = balanced_subset(load_dataset(P.dataset, "test", data_root), 10, seed=1).tensors()
-    for loss in (PGDAdversarialLoss(P.train_eps, steps=P.train_steps, alpha=P.train_alpha),
-                 TradesLoss(P.train_eps, beta=P.trades_beta, steps=P.train_steps, alpha=P.train_alpha)):
-        model = build_model(P.arch, P.dataset)
-        history = train(model, data, loss, epochs=1, batch_size=P.batch_size, lr=P.lr, show_progress=False)
-        assert history[0]["examples"] == 250 and torch.isfinite(torch.tensor(history[0]["loss"]))
-    res = evaluate(model, x, y, {"PGD": partial(pgd, eps=P.eval_eps[-1], alpha=P.eval_alpha, steps=P.eval_steps)})
+    defenses = build("foundations", P, data)
+    assert list(defenses) == ["standard", "PGD-AT", "TRADES"]
+    for d in defenses.values():
+        h = d.trainings[0].record["history"][0]
+        assert h["examples"] == 250 and torch.isfinite(torch.tensor(h["loss"]))
+    trades = defenses["TRADES"]
+    res = trades.evaluate(x, y, {"PGD": partial(pgd, eps=P.eval_eps[-1], alpha=P.eval_step, steps=P.eval_steps)})
     assert res.n == 10
-    x_aa = autoattack(model, x[:2], y[:2], P.train_eps, version=P.aa_version)
-    assert x_aa.shape == (2, 1, 28, 28)
+    assert trades.autoattack(x, y, P.train_eps, n=2, version=P.aa_version).n == 2
 
 
 def test_ensembles_paper_profile_runs_a_few_steps(data_root, paper_profile):
-    P, data = paper_profile("ensembles", n_train=20, batch_size=10, epochs_pretrain=1, epochs_finetune=1)  # 2 steps
-    ensembles = train_ensembles(P, data)
+    P, data = paper_profile("ensembles", n_train=20, batch_size=10, epochs_pretrain=1, epochs_finetune=1)
+    ensembles = build("ensembles", P, data)
     assert list(ensembles) == ["pre-trained", "independent", "GAL", "DLC"]
     x, y = balanced_subset(load_dataset(P.dataset, "test", data_root), 10, seed=1).tensors()
-    for ens in ensembles.values():
-        assert len(ens.members) == P.members and ens(x).shape == (10, 10)
-    res = evaluate(ensembles["DLC"], x, y, {"PGD": partial(pgd, eps=P.eval_eps[-1], alpha=P.eval_alpha, steps=3)})
+    for d in ensembles.values():
+        assert len(d.model.members) == P.members and d.model(x).shape == (10, 10)
+    res = ensembles["DLC"].evaluate(x, y, {"PGD": partial(pgd, eps=P.eval_eps[-1], alpha=P.eval_step, steps=3)})
     assert res.n == 10
 
 
 def test_purification_paper_profile_runs_a_few_steps(data_root, paper_profile):
     P, data = paper_profile("purification", n_train=20, batch_size=10, epochs_classifier=1, epochs_pretrain=1,
-                            epochs_finetune=1)
-    models = train_purification(P, data)
+                            epochs_finetune=1, eot_draws=2, attack_draws=1)
+    atop = build("purification", P, data)["AToP"]
     x, y = balanced_subset(load_dataset(P.dataset, "test", data_root), 10, seed=1).tensors()
-    defended = EOT(models["AToP"], draws=2)
-    res = evaluate(defended, x[:4], y[:4], {"PGD+EOT": partial(pgd, eps=P.eval_eps[-1], steps=2)},
-                   attack_model=EOT(models["AToP"], draws=1))
-    assert res.n == 4 and defended(x[:4]).shape == (4, 10)
+    res = atop.evaluate(x[:4], y[:4], {"PGD+EOT": partial(pgd, eps=P.eval_eps[-1], steps=2)})
+    assert res.n == 4 and atop.model(x[:4]).shape == (4, 10) and atop.randomized
 
 
 def test_smoothing_paper_profile_runs_a_few_steps(data_root, paper_profile):
-    P, data = paper_profile("smoothing", n_train=10, batch_size=10, epochs=1, train_draws=2)  # one step per model
-    models = train_smoothing(P, data)
-    assert list(models) == [f"sigma={s:g}" for s in P.sigmas] + ["variational"]
+    P, data = paper_profile("smoothing", n_train=10, batch_size=10, epochs=1, train_draws=2, smooth_draws=2,
+                            median_draws=5, cert_n0=10, cert_n=20, selector_draws=50)
+    defenses = build("smoothing", P, data)
+    assert list(defenses) == [f"sigma = {s:g}" for s in P.sigmas] + [f"variational, sigma_t = {s:g}"
+                                                                   for s in P.sigmas]
     x, y = balanced_subset(load_dataset(P.dataset, "test", data_root), 10, seed=1).tensors()
-    variational = models["variational"]
-    variational.draws, variational.median_draws = 2, 5
-    res = evaluate(variational, x[:2], y[:2], {"PGD+EOT": partial(pgd, eps=P.l2_eps[-1], steps=2, norm="l2")})
+    variational = defenses["variational, sigma_t = 0.25"]
+    res = variational.evaluate(x[:2], y[:2], {"PGD+EOT": partial(pgd, eps=P.l2_eps[-1], steps=2, norm="l2")})
     assert res.n == 2
-    cert = certify_variational(variational, x[:1], P.radii, n0=10, n=20, num_classes=10, selector_draws=50)
-    assert cert.radius.shape == (1,)
-    assert certify(models["sigma=0.25"], x[:1], 0.25, n0=10, n=20).radius.shape == (1,)
+    assert variational.certify(x[:1]).radius.shape == (1,)
+    assert defenses["sigma = 0.25"].certify(x[:1]).radius.shape == (1,)
 
 
 def test_armor_paper_profile_runs_a_few_steps(data_root, paper_profile):
-    P, data = paper_profile("armor", n_train=200)  # two steps of 100 per model
-    models = train_models(P, data, armor_losses(P), arch=P.arch, epochs=1, chapter="armor")
+    P, data = paper_profile("armor", n_train=200, epochs=1)  # two steps of 100 per model
+    models = build("armor", P, data)
     assert list(models) == list(P.models)
     x, y = balanced_subset(load_dataset(P.dataset, "test", data_root), 10, seed=1).tensors()
-    res = evaluate(models["ARMOR_D KL"], x, y, {"PGD": partial(pgd, eps=0.1, alpha=P.eval_alpha, steps=P.eval_steps,
-                                                                random_start=False)})
+    res = models["ARMOR_D KL"].evaluate(x, y, {"PGD": partial(pgd, eps=0.1, alpha=P.eval_step, steps=P.eval_steps,
+                                                               random_start=False)})
     assert res.n == 10
     B = P.binary
-    binary = balanced_subset(load_dataset(P.dataset, "train", data_root), 200).binarized(B["threshold"])
-    nets = train_models(P, binary, binary_losses(P), arch=B["arch"], epochs=1, chapter="armor-binary",
-                        optimizer=B["optimizer"], lr=B["lr"], milestones=())
-    xb = (x > B["threshold"]).float()
-    x_adv = rfgsm_k(nets["ARMOR_D"], xb, y, B["attack_steps"], B["attack_step_size"])
+    binary = balanced_subset(load_dataset(P.dataset, "train", data_root), 200).binarized(B.threshold)
+    nets = armor.build_binary(P.replace(binary=B.replace(epochs=1)), binary)
+    xb = (x > B.threshold).float()
+    x_adv = rfgsm_k(nets["ARMOR_D"].model, xb, y, B.attack_steps, B.attack_step)
     assert ((x_adv == 0) | (x_adv == 1)).all() and (x_adv >= xb).all()
 
 
@@ -116,8 +121,7 @@ def test_armor_paper_runner_writes_its_result_file_and_resumes(data_root, tmp_pa
     monkeypatch.setenv("DEFENSES_RUNS", str(tmp_path))
     monkeypatch.setenv("DEFENSES_DATA", str(data_root))
     runner = runpy.run_path(str(Path(__file__).resolve().parents[1] / "experiments" / "armor_mnist_paper.py"))
-    P = get_profile("armor", "paper")
-    P.update(n_train=200, n_test=10, epochs=1, eval_steps=3)  # two training steps, ten test images, short attacks
+    P = get_profile("armor", "paper", n_train=200, n_test=10, epochs=1, eval_steps=3)  # two steps, short attacks
     monkeypatch.setitem(runner["main"].__globals__, "get_profile", lambda chapter, name: P)
     args = ["--models", "ARMOR_D KL", "--out", str(tmp_path / "results")]
     runner["main"](args)
@@ -133,8 +137,8 @@ def test_armor_paper_runner_writes_its_result_file_and_resumes(data_root, tmp_pa
 
 def test_drsl_paper_profile_runs_a_few_steps(data_root, paper_profile):
     P, data = paper_profile("drsl", n_train=20, batch_size=10, epochs=1)
-    models = train_models(P, data, drsl_losses(P), arch=P.arch, epochs=P.epochs, chapter="drsl")
+    models = build("drsl", P, data)
     assert list(models) == ["CE", "DRSL", "DRSL b=0.1", "DRSL b=10", "PGD-AT"]
     x, y = balanced_subset(load_dataset(P.dataset, "test", data_root), 10, seed=1).tensors()
-    res = evaluate(models["DRSL"], x[:4], y[:4], {"margin": partial(pgd, eps=P.eval_eps[-1], steps=2, loss="margin")})
+    res = models["DRSL"].evaluate(x[:4], y[:4], {"margin": partial(pgd, eps=P.eval_eps[-1], steps=2, loss="margin")})
     assert res.n == 4

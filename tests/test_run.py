@@ -14,9 +14,11 @@ from defenses_lib.training import RUNS_ENV
 CELLS = [
     "from functools import partial\nimport matplotlib.pyplot as plt\nimport torch\n"
     "from defenses_lib.attacks import fgsm\nfrom defenses_lib.evaluation import evaluate, sanity_checks\n"
-    "from defenses_lib.profiles import get_profile\nfrom defenses_lib.training import CrossEntropy, fit\n"
+    "from defenses_lib.profiles import get_profile\n"
+    "from defenses_lib.defenses.baselines import CrossEntropy\nfrom defenses_lib.training import fit\n"
     "P = get_profile('foundations')\nprint('n_train', P.n_train)",
-    "g = torch.Generator().manual_seed(0)\nx, y = torch.rand(64, 1, 6, 6, generator=g), torch.randint(0, 3, (64,), generator=g)\n"
+    "g = torch.Generator().manual_seed(0)\n"
+    "x, y = torch.rand(64, 1, 6, 6, generator=g), torch.randint(0, 3, (64,), generator=g)\n"
     "torch.manual_seed(0)\nmodel = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(36, 3))\n"
     "fit(model, torch.utils.data.TensorDataset(x, y), CrossEntropy(), chapter='tiny', name='linear', "
     "recipe={'data': 'random'}, epochs=2, batch_size=16, device='cpu')",
@@ -47,7 +49,8 @@ def test_runner_writes_notebook_figures_metrics_and_checkpoints_then_resumes(not
     assert "n_train 60000" in executed.cells[0].outputs[0].text, "the paper profile reached the kernel"
     assert executed.cells[6].outputs[0].text == "still running\n", "the run goes on after a failed cell"
     assert metrics["errors"] == [{"cell": 5, "error": "AssertionError: a claim that fails at this scale"},
-                                 {"cell": 7, "error": "RuntimeError: a broken cell"}], "a failed claim goes on, an error stops"
+                                 {"cell": 7, "error": "RuntimeError: a broken cell"}], \
+        "a failed claim goes on, an error stops"
     assert metrics["profile"] == "paper" and [c["cell"] for c in metrics["cells"]] == list(range(8))
     assert executed.cells[8].outputs == []
     assert (out / "figures" / "cell-04.png").read_bytes()[:4] == b"\x89PNG"

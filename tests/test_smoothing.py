@@ -9,8 +9,9 @@ from scipy.stats import beta, norm
 
 from defenses_lib.attacks import pgd
 from defenses_lib.defenses.smoothing import (ABSTAIN, GaussianNoiseLoss, NoiseSelector, SmoothedClassifier,
-                                             VariationalSmoothing, VariationalSmoothingLoss, certify, certify_variational,
-                                             lower_confidence_bound, percentile_bounds, predict, sample_counts)
+                                             VariationalSmoothing, VariationalSmoothingLoss, certify,
+                                             certify_variational, lower_confidence_bound, percentile_bounds,
+                                             sample_counts)
 
 
 class Linear2(nn.Module):
@@ -49,18 +50,12 @@ def test_certified_radius_is_the_distance_to_the_boundary_within_monte_carlo_err
 
 def test_certify_abstains_on_the_boundary_and_finds_the_other_class():
     model, x = _setup(0.0)
-    cert = certify(model, x, 0.5, n0=100, n=2_000, alpha=0.001, num_classes=2, generator=torch.Generator().manual_seed(2))
+    cert = certify(model, x, 0.5, n0=100, n=2_000, alpha=0.001, num_classes=2,
+                   generator=torch.Generator().manual_seed(2))
     assert int(cert.prediction) == ABSTAIN and float(cert.radius) == 0.0
     model, x = _setup(-0.4)
     cert = certify(model, x, 0.5, n0=100, n=2_000, num_classes=2, generator=torch.Generator().manual_seed(3))
     assert int(cert.prediction) == 1 and float(cert.radius) > 0
-
-
-def test_predict_abstains_only_when_the_top_two_are_close():
-    far, x = _setup(0.5)
-    assert int(predict(far, x, 0.25, n=500, num_classes=2)) == 0
-    on, x = _setup(0.0)
-    assert int(predict(on, x, 0.25, n=500, num_classes=2, generator=torch.Generator().manual_seed(0))) == ABSTAIN
 
 
 @pytest.mark.parametrize("k,n,alpha", [(0, 10, 0.05), (7, 10, 0.05), (10, 10, 0.001), (9_900, 10_000, 0.001)])
@@ -126,7 +121,8 @@ def test_median_smoothing_uses_the_raw_selector_values_and_targets_are_shared():
     model = _variational()
     x = torch.rand(3, 1, 8, 8)
     model.sigma_h = 0.0
-    assert torch.allclose(model.noise_level(x), model.noise_level(x, smoothed=False))  # no noise: the median is the value
+    # no noise: the median is the value
+    assert torch.allclose(model.noise_level(x), model.noise_level(x, smoothed=False))
     other = model.with_target(0.5)
     assert other.selector is model.selector and other.sigma_t == 0.5
     assert not torch.allclose(other.noise_level(x, smoothed=False), model.noise_level(x, smoothed=False))
@@ -236,3 +232,13 @@ def test_certified_per_image_is_right_and_within_radius():
     y = torch.tensor([1, 2, 0, 0])
     assert c.certified(y, 0.25).tolist() == [True, False, False, False]
     assert c.certified_accuracy(y, [0.0, 0.25]) == {0.0: 0.5, 0.25: 0.25}
+
+
+def test_beyond_the_radius_limit_no_percentile_bound_exists():
+    from defenses_lib.defenses.smoothing import selector_radius_limit
+    sigma_h, radii, alpha, k = 0.25, 8, 0.001, 2_000
+    limit = selector_radius_limit(sigma_h, radii, alpha, k)
+    samples = torch.linspace(0.1, 0.6, k)
+    for r, bounded in ((0.95 * limit, True), (1.05 * limit, False)):
+        low, _ = percentile_bounds(samples, norm.cdf(-r / sigma_h), 0.5, alpha / 2 / radii, -1.0, 2.0)
+        assert (low != -1.0) == bounded, r

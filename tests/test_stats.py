@@ -101,7 +101,8 @@ def test_accuracy_interval_picks_the_method():
 
 def _w(p, n):
     z = sps.norm.ppf(0.975)
-    c, h = (p + z * z / (2 * n)) / (1 + z * z / n), z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    c = (p + z * z / (2 * n)) / (1 + z * z / n)
+    h = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
     return (c - h, c + h)
 
 
@@ -160,3 +161,37 @@ def test_seed_summary_matches_scipy():
 def test_bad_input_names_the_problem(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_auc_is_the_probability_a_positive_outscores_a_negative():
+    from defenses_lib.stats import auc
+    score, label = [0.1, 0.4, 0.35, 0.8, 0.4], [0, 0, 1, 1, 1]
+    pairs = [(s1 > s0) + 0.5 * (s1 == s0) for s1, l1 in zip(score, label) if l1
+             for s0, l0 in zip(score, label) if not l0]
+    assert auc(score, label) == pytest.approx(sum(pairs) / len(pairs))
+    with pytest.raises(ValueError, match="both classes"):
+        auc([0.1, 0.2], [1, 1])
+
+
+def test_partial_spearman_removes_what_the_control_explains():
+    from defenses_lib.stats import partial_spearman
+    rng = np.random.default_rng(0)
+    c = rng.normal(size=2000)
+    a, b = c + 0.1 * rng.normal(size=2000), c + 0.1 * rng.normal(size=2000)
+    assert sps.spearmanr(a, b).statistic > 0.9 and abs(partial_spearman(a, b, c)) < 0.1
+    d = a + rng.normal(size=2000)   # shares a's own noise: still correlated given c
+    assert partial_spearman(a, d, c) > 0.05
+
+
+def test_fisher_interval_matches_the_formula_and_the_bootstrap_covers_spearman():
+    from defenses_lib.stats import fisher_interval, spearman_interval
+    low, high = fisher_interval(0.3, 103, controls=1)
+    half = sps.norm.ppf(0.975) / math.sqrt(103 - 1 - 3)
+    assert (low, high) == pytest.approx((math.tanh(math.atanh(0.3) - half), math.tanh(math.atanh(0.3) + half)))
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=300)
+    e = spearman_interval(x, x + rng.normal(size=300), draws=300, seed=0)
+    assert e.low < e.value < e.high and e.value == pytest.approx(sps.spearmanr(x, x + 0).statistic, abs=0.5)
+    assert spearman_interval(x, x + 0.0, draws=50, seed=0).value == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="n - controls > 3"):
+        fisher_interval(0.3, 4, controls=1)

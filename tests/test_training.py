@@ -8,9 +8,15 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from defenses_lib.data import ImageDataset
+from defenses_lib.defenses.armor import ArmorLoss, RFGSMAdversarialLoss, TransportCost
+from defenses_lib.defenses.baselines import CrossEntropy, PGDAdversarialLoss, TradesLoss
+from defenses_lib.defenses.drsl import DRSLLoss
+from defenses_lib.defenses.ensembles import DLCLoss, GALLoss
+from defenses_lib.defenses.purification import AToPLoss, RandomTransform
+from defenses_lib.defenses.smoothing import GaussianNoiseLoss, VariationalSmoothingLoss
 from defenses_lib.runtime import pick_device, timeit, timing_rounds
-from defenses_lib.training import (CrossEntropy, PGDAdversarialLoss, TradesLoss, atomic_save, fit, load_checkpoint,
-                                   recipe_hash, step_time, train)
+from defenses_lib.training import (_epoch_loader, atomic_save, fit, identity, load_checkpoint, loss_time, recipe_hash,
+                                   step_time, train)
 
 
 def _dataset(n=96):
@@ -87,7 +93,7 @@ def test_atomic_save_round_trip_and_no_leftovers(tmp_path):
 
 
 def test_failed_save_leaves_nothing(tmp_path):
-    with pytest.raises(Exception):
+    with pytest.raises((AttributeError, TypeError, RuntimeError)):  # pickling a lambda fails
         atomic_save({"f": lambda: 0}, tmp_path / "bad.pt")
     assert list(tmp_path.iterdir()) == []
 
@@ -142,9 +148,10 @@ def test_fit_names_the_checkpoint_by_recipe_and_loads_a_finished_run(tmp_path, m
     monkeypatch.setenv("DEFENSES_RUNS", str(tmp_path))
     kw = dict(chapter="ch", name="m", recipe={"data": "toy"}, epochs=1, batch_size=32, show_progress=False)
     a = fit(_model(), _dataset(), PGDAdversarialLoss(0.1, steps=1), **kw)
-    assert "trained now" in capsys.readouterr().out and not a.training
+    assert "trained now" in capsys.readouterr().out and not a.model.training and a.record["how"] == "trained now"
     b = fit(_model(), _dataset(), PGDAdversarialLoss(0.1, steps=1), **kw)
-    assert "finished run loaded" in capsys.readouterr().out and torch.equal(_weights(a), _weights(b))
+    assert "finished run loaded" in capsys.readouterr().out and torch.equal(_weights(a.model), _weights(b.model))
+    assert b.record["how"] == "finished run loaded" and b.record["history"] == a.record["history"]
     fit(_model(), _dataset(), PGDAdversarialLoss(0.2, steps=1), **kw)  # another loss setting: another checkpoint
     assert len(list((tmp_path / "ch").glob("m-*.pt"))) == 2
 
@@ -200,3 +207,68 @@ def test_the_progress_display_does_not_change_what_training_sees(env, monkeypatc
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     assert torch.equal(trained(), shown)
+
+
+def test_an_epochs_batches_depend_only_on_seed_and_epoch():
+    ds = _dataset(40)
+    first = [y for _, y in _epoch_loader(ds, 8, seed=1, epoch=2)]
+    loader = _epoch_loader(ds, 8, seed=1, epoch=2)
+    iter(loader)   # an extra iter(), as some progress bars make, draws nothing
+    assert all(torch.equal(a, b) for a, b in zip(first, [y for _, y in loader]))
+    other = torch.cat([y for _, y in _epoch_loader(ds, 8, seed=1, epoch=3)])
+    assert not torch.equal(torch.cat(first), other) and sorted(other.tolist()) == sorted(ds.targets.tolist())
+
+
+LOSSES = [  # (constructor, arguments, another value for each argument)
+    (PGDAdversarialLoss, dict(eps=0.1), dict(eps=0.2, steps=3, alpha=0.05, norm="l2", random_start=False)),
+    (TradesLoss, dict(eps=0.1), dict(eps=0.2, beta=1.0, steps=3, alpha=0.05)),
+    (GALLoss, dict(), dict(coeff=1.0)),
+    (DLCLoss, dict(), dict(alpha=2.0, beta=0.5, h=0.2, direction="random", shared_direction=False,
+                           abs_cos=False, gamma=0.1)),
+    (AToPLoss, dict(eps=0.1), dict(eps=0.2, lam=0.5, attack="pgd", steps=3, victim="pipeline",
+                                   l1_target="adversarial")),
+    (GaussianNoiseLoss, dict(sigma=0.25), dict(sigma=0.5)),
+    (VariationalSmoothingLoss, dict(), dict(sigma_t_range=(0.1, 0.4), draws=2, beta=0.5, tau=0.2)),
+    (ArmorLoss, dict(eps=0.1, cost=TransportCost(0.01)),
+     dict(eps=0.2, cost=TransportCost(0.02), divergence="alpha", alpha=3.0, steps=5, step_size=0.02, t=0.5,
+          clip=True, domain="binary", positivity="reset", softplus_beta=2.0, lam_init=0.5, nu_init=0.5, lr=0.1)),
+    (RFGSMAdversarialLoss, dict(), dict(steps=5, step_size=0.1)),
+    (DRSLLoss, dict(), dict(a=0.5, b=2.0, space="prob", reduction="batch_sum", center="authors")),
+]
+
+
+def _checkpoint_hash(model, loss):
+    return recipe_hash(identity(model, loss, {"data": "toy"}, "m", 1, {"lr": 1e-3}))
+
+
+@pytest.mark.parametrize("make, base, others", LOSSES, ids=[m.__name__ for m, _, _ in LOSSES])
+def test_two_losses_that_differ_in_any_argument_never_share_a_checkpoint(make, base, others):
+    model = _model()
+    reference = _checkpoint_hash(model, make(**base))
+    assert _checkpoint_hash(model, make(**base)) == reference   # the same arguments: the same checkpoint
+    for key, value in others.items():
+        assert _checkpoint_hash(model, make(**{**base, key: value})) != reference, key
+
+
+def test_the_models_arguments_name_the_checkpoint_too():
+    from defenses_lib.defenses.purification import InpaintingUNet, PurifiedClassifier
+    loss = CrossEntropy()
+
+    def pipeline(**transform):
+        return PurifiedClassifier(_model(), InpaintingUNet(1, 8), RandomTransform(**transform))
+
+    assert _checkpoint_hash(pipeline(), loss) == _checkpoint_hash(pipeline(), loss)
+    for key, value in dict(kind="rt1", block=2, missing_rate=0.5, sigma=0.1, n_masks=3, fixed_seed=1).items():
+        assert _checkpoint_hash(pipeline(**{key: value}), loss) != _checkpoint_hash(pipeline(), loss), key
+
+
+def test_loss_time_runs_the_loss_alone_on_the_given_logits():
+    seen = []
+
+    def loss(model, x, y):
+        z = model(x)
+        seen.append(z.shape)
+        return F.cross_entropy(z, y)
+
+    assert loss_time(loss, torch.randn(4, 10), torch.arange(4), repeat=3) > 0
+    assert seen == [(4, 10)] * 4   # one warm-up and three timed calls

@@ -1,5 +1,5 @@
 """ARMOR_D (Birrell and Ebrahimi 2023): adversarial training as distributionally robust optimisation
-over an optimal-transport-regularized divergence (REFERENCE.md section 003).
+over an optimal-transport-regularized divergence.
 
 The adversary may move the data distribution P_n to any Q with D^c(Q || P_n) <= eps, where
 D^c(Q || P) = inf_eta { D(eta || P) + C(eta, Q) } mixes an information divergence D (which
@@ -17,13 +17,14 @@ minimised over the network and the scalars lambda > 0 (and nu). Labels never mov
   rFGSM^k-style rounding for binary features), the mix ``t * natural + (1 - t) * ARMOR_D`` and the
   implicit sample weights.
 * ``RFGSMAdversarialLoss``: adversarial training on binary features with rFGSM^k (SLEIPNIR's baseline).
-* ``armor_losses`` and ``binary_losses``: chapter 4's recipes (natural, FGSM-AT, PGD-AT and ARMOR_D;
-  natural, rFGSM^k-AT and ARMOR_D on binary features), trained by ``training.train_models``.
+* ``armor_losses`` and ``binary_losses``: chapter 4's losses (natural, FGSM-AT, PGD-AT and ARMOR_D;
+  natural, rFGSM^k-AT and ARMOR_D on binary features); ``build`` and ``build_binary`` train them.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -31,23 +32,23 @@ import torch.nn.functional as F
 
 from ..attacks import rfgsm_k, signed_ascent
 from ..checks import check_choice
-from ..training import CrossEntropy, PGDAdversarialLoss
+from ..config import Configured
+from ..training import train_each
+from .base import Defense, select
+from .baselines import CrossEntropy, PGDAdversarialLoss
 
 DIVERGENCES = ("kl", "alpha")
 DOMAINS = ("continuous", "binary")
 POSITIVITY = ("softplus", "reset")
 
 
-class TransportCost:
+class TransportCost(Configured):
     """The transport cost c(x, x') = L * ||x - x'||_p^q, one value per example (inputs flattened)."""
 
     def __init__(self, weight: float, p: float = 2.0, q: float = 1.0):
         if not (weight >= 0 and p >= 1 and q > 0):
             raise ValueError(f"need weight >= 0, p >= 1 (or inf) and q > 0, got weight={weight}, p={p}, q={q}")
         self.weight, self.p, self.q = weight, p, q
-
-    def __repr__(self) -> str:
-        return f"TransportCost(weight={self.weight}, p={self.p}, q={self.q})"
 
     def __call__(self, x: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
         return self.weight * torch.linalg.vector_norm((x_adv - x).flatten(1), ord=self.p, dim=1) ** self.q
@@ -60,14 +61,14 @@ def f_star_alpha(t: torch.Tensor, alpha: float) -> torch.Tensor:
     return (alpha - 1) ** e / alpha * F.relu(t) ** e + 1 / (alpha * (alpha - 1))
 
 
-class ArmorLoss(nn.Module):
+class ArmorLoss(Configured, nn.Module):
     """ARMOR_D's training loss: the OT-regularized divergence dual with learned lambda (and nu).
 
     ``lambda`` is kept positive either as softplus of a free parameter (``positivity="softplus"``,
     the book's default) or, as in the authors' code, as a free parameter reset to
     softplus_beta(lambda) whenever a step makes it negative (``"reset"``). ``t`` > 0 mixes in the
     natural cross-entropy: ``t * CE(x) + (1 - t) * ARMOR_D`` (the authors' "adv_s + nat"). ``lr`` is
-    the Adam learning rate of lambda and nu that ``train_models`` uses (the authors' ``loss_learning_rate``).
+    the Adam learning rate of lambda and nu that ``training.train_each`` uses (the authors' ``loss_learning_rate``).
     """
 
     def __init__(self, eps: float, cost: TransportCost, divergence: str = "kl", alpha: float = 2.0,
@@ -91,11 +92,6 @@ class ArmorLoss(nn.Module):
         self.raw_lam = nn.Parameter(torch.tensor(float(raw)))
         self.nu = nn.Parameter(torch.tensor(float(nu_init))) if divergence == "alpha" else None
 
-    def extra_repr(self) -> str:
-        return (f"eps={self.eps}, cost={self.cost}, divergence={self.divergence!r}, alpha={self.alpha}, "
-                f"steps={self.steps}, step_size={self.step_size}, t={self.t}, clip={self.clip}, "
-                f"domain={self.domain!r}, positivity={self.positivity!r}, lr={self.lr}")
-
     @property
     def lam(self) -> torch.Tensor:
         """lambda > 0, the dual variable of the divergence budget eps (differentiable)."""
@@ -107,21 +103,25 @@ class ArmorLoss(nn.Module):
         return self.raw_lam
 
     def dual(self, s: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-        """The divergence's dual objective given the per-example inner values s_i and lambda."""
+        """The divergence's dual objective given the inner values s_i and lambda."""
         if self.divergence == "kl":
             return self.eps * lam + lam * (torch.logsumexp(s, 0) - math.log(len(s)))
-        return self.eps * lam + self.nu + lam * f_star_alpha(s - self.nu / lam, self.alpha).mean()
+        f_star = f_star_alpha(s - self.nu / lam, self.alpha)
+        return self.eps * lam + self.nu + lam * f_star.mean()
 
-    def transport(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The inner maximiser: x' maximising loss(x', y) / lambda - c(x, x'), lambda held fixed."""
-        lam = self.lam.detach()
+    def transport(self, model: nn.Module, x: torch.Tensor,
+                  y: torch.Tensor) -> torch.Tensor:
+        """The inner maximiser: x' maximising loss(x', y) / lambda - c(x, x')."""
+        lam = self.lam.detach()   # held fixed during the ascent
 
         def objective(z):
-            return F.cross_entropy(model(z), y, reduction="none") / lam - self.cost(x, z)
+            loss = F.cross_entropy(model(z), y, reduction="none")
+            return loss / lam - self.cost(x, z)
 
+        steps, size = self.steps, self.step_size
         if self.domain == "binary":
-            return rfgsm_k(model, x, y, self.steps, self.step_size, objective=objective)
-        return signed_ascent(objective, x, self.steps, self.step_size, clip=self.clip, model=model)
+            return rfgsm_k(model, x, y, steps, size, objective=objective)
+        return signed_ascent(objective, x, steps, size, clip=self.clip, model=model)
 
     def scores(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
         """(x', per-example losses at x', s_i = loss / lambda - cost), differentiable in the model and lambda."""
@@ -136,53 +136,129 @@ class ArmorLoss(nn.Module):
             return robust
         return self.t * F.cross_entropy(model(x), y) + (1 - self.t) * robust
 
-    def sample_weights(self, losses: torch.Tensor, costs: torch.Tensor) -> torch.Tensor:
-        """The implicit weight of each example in the robust objective: n * d(dual) / d(loss_i) (mean 1 for KL).
+    def sample_weights(self, losses: torch.Tensor,
+                       costs: torch.Tensor) -> torch.Tensor:
+        """Each example's implicit weight in the robust objective, n * d(dual) / d(loss_i).
 
-        For KL it is n * softmax(s)_i: the adversary re-weights towards the examples with the
-        highest transported loss. For the alpha-divergence, f*'(s_i - nu / lambda).
+        For KL it is n * softmax(s)_i (mean 1): the adversary re-weights towards the
+        examples with the highest transported loss. For the alpha-divergence,
+        f*'(s_i - nu / lambda).
         """
         losses = losses.detach().clone().requires_grad_(True)
         lam = self.lam.detach()
         with torch.enable_grad():
-            grad, = torch.autograd.grad(self.dual(losses / lam - costs.detach(), lam), losses)
+            dual = self.dual(losses / lam - costs.detach(), lam)
+            grad, = torch.autograd.grad(dual, losses)
         return len(losses) * grad
 
+    def diagnostics(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                    batch_size: int = 100) -> "TransportDiagnostics":
+        """The inner maximiser and the implicit weights on (x, y), in training-sized batches."""
+        parts = [self._batch_diagnostics(model, x[i:i + batch_size], y[i:i + batch_size])
+                 for i in range(0, len(x), batch_size)]
+        return TransportDiagnostics(x, *(torch.cat(p) for p in zip(*parts)), self.lam.item())
 
-class RFGSMAdversarialLoss(nn.Module):
+    def _batch_diagnostics(self, model, x, y) -> tuple[torch.Tensor, ...]:
+        """One batch's transported x', losses before and after, costs and implicit weights."""
+        x_tr = self.transport(model, x, y)
+        with torch.no_grad():
+            before = F.cross_entropy(model(x), y, reduction="none")
+            after = F.cross_entropy(model(x_tr), y, reduction="none")
+        cost = self.cost(x, x_tr).detach()
+        return x_tr, before, after, cost, self.sample_weights(after, cost)
+
+
+@dataclass
+class TransportDiagnostics:
+    """What ARMOR_D's adversary does to a set of samples: where it moves them and how it weighs them."""
+
+    x: torch.Tensor
+    x_transported: torch.Tensor
+    loss_before: torch.Tensor
+    loss_after: torch.Tensor
+    cost: torch.Tensor
+    weights: torch.Tensor   # implicit weight per sample in the robust objective (mean 1 for KL)
+    lam: float
+
+    @property
+    def moved(self) -> torch.Tensor:
+        """x' - x, flattened per sample."""
+        return (self.x_transported - self.x).flatten(1)
+
+    def top_share(self, fraction: float = 0.1) -> float:
+        """The share of the total weight held by the heaviest ``fraction`` of the samples."""
+        top = self.weights.sort(descending=True).values
+        return (top[:max(1, int(len(top) * fraction))].sum() / top.sum()).item()
+
+    @property
+    def effective_size(self) -> float:
+        """Kish's effective sample size of the weights, as a fraction of the samples."""
+        w = self.weights
+        return (w.sum() ** 2 / (w ** 2).sum() / len(w)).item()
+
+    def summary(self) -> str:
+        """The numbers a reader looks at, in two lines."""
+        d = self.moved
+        outside = ((self.x_transported < 0) | (self.x_transported > 1)).float().mean()
+        return (f"lambda = {self.lam:.3f}; moved by l_inf {d.abs().amax(1).mean():.3f} on average "
+                f"(l_2 {d.norm(dim=1).mean():.2f}), cost {self.cost.mean():.4f}, "
+                f"{100 * outside:.0f}% of pixels outside [0, 1]\n"
+                f"loss {self.loss_before.mean():.3f} before transport, {self.loss_after.mean():.3f} after; "
+                f"weights {self.weights.min():.2f} to {self.weights.max():.2f}, the top 10% hold "
+                f"{100 * self.top_share():.0f}% of the weight; effective size {100 * self.effective_size:.0f}%")
+
+
+class RFGSMAdversarialLoss(Configured, nn.Module):
     """Adversarial training on binary features (SLEIPNIR's rFGSM^k baseline): cross-entropy on rFGSM^k examples."""
 
     def __init__(self, steps: int = 50, step_size: float = 0.02):
         super().__init__()
         self.steps, self.step_size = steps, step_size
 
-    def extra_repr(self) -> str:
-        return f"steps={self.steps}, step_size={self.step_size}"
-
     def forward(self, model, x, y):
         return F.cross_entropy(model(rfgsm_k(model, x, y, self.steps, self.step_size)), y)
 
 
 def binary_losses(P) -> dict[str, nn.Module]:
-    """Chapter 4's binary-feature losses: natural, rFGSM^k adversarial training and ARMOR_D with rFGSM^k-style transport."""
+    """Chapter 4's binary-feature losses: natural, rFGSM^k adversarial training and ARMOR_D with
+    rFGSM^k-style transport (its ascent: the binary study's training steps)."""
     B = P.binary
-    armor = dict(B["armor"], steps=B["train_steps"], step_size=B["train_step_size"])
-    return {"natural": CrossEntropy(), "rFGSM^k-AT": RFGSMAdversarialLoss(B["train_steps"], B["train_step_size"]),
+    armor = B.armor.replace(ascent_steps=B.train_steps, ascent_step=B.train_step)
+    return {"natural": CrossEntropy(), "rFGSM^k-AT": RFGSMAdversarialLoss(B.train_steps, B.train_step),
             "ARMOR_D": armor_loss(armor, domain="binary", positivity=P.armor_positivity)}
 
 
 def armor_losses(P) -> dict[str, nn.Module]:
-    """Chapter 4's MNIST training losses from a profile: natural, FGSM-AT, PGD-AT and the ARMOR_D variants."""
+    """Chapter 4's MNIST training losses: natural, FGSM-AT, PGD-AT and the ARMOR_D variants."""
     losses = {"natural": CrossEntropy(),
               "FGSM-AT": PGDAdversarialLoss(P.train_eps, steps=1, alpha=P.train_eps, random_start=False),
-              "PGD-AT": PGDAdversarialLoss(P.train_eps, steps=P.pgd_steps, alpha=P.pgd_alpha)}
+              "PGD-AT": PGDAdversarialLoss(P.train_eps, steps=P.train_steps, alpha=P.train_step)}
     for name, v in P.armor.items():
         losses[name] = armor_loss(v, clip=P.armor_clip, positivity=P.armor_positivity)
     return {k: losses[k] for k in P.models}
 
 
-def armor_loss(v: dict, **options) -> ArmorLoss:
-    """An ``ArmorLoss`` from a hyper-parameter set (keys eps, L, p, q, divergence, steps, step_size, t, lr; alpha, beta)."""
-    return ArmorLoss(v["eps"], TransportCost(v["L"], v["p"], v["q"]), divergence=v["divergence"],
-                     alpha=v.get("alpha", 2.0), steps=v["steps"], step_size=v["step_size"], t=v["t"],
-                     softplus_beta=v.get("beta", 1.0), lr=v["lr"], **options)
+def armor_loss(v, **options) -> ArmorLoss:
+    """An ``ArmorLoss`` from one ``profiles.ArmorVariant``."""
+    return ArmorLoss(v.budget, TransportCost(v.cost_weight, v.cost_norm, v.cost_power), divergence=v.divergence,
+                     alpha=v.order, steps=v.ascent_steps, step_size=v.ascent_step, t=v.natural_weight,
+                     softplus_beta=v.softplus_beta, lr=v.dual_lr, **options)
+
+
+def build(P, train_set, device=None, names=None) -> dict[str, Defense]:
+    """Chapter 4's MNIST models (``P.models``, each of ``names`` only); an ARMOR_D model's trained
+    loss, with its lambda (and nu), is its training's ``loss``."""
+    losses = armor_losses(P)
+    chosen = {n: losses[n] for n in select(losses, names)}
+    trained = train_each(P, train_set, chosen, chapter="armor", epochs=P.epochs, device=device)
+    return {n: Defense(n, t.model, [t], chapter="armor") for n, t in trained.items()}
+
+
+def build_binary(P, train_set, device=None, names=None) -> dict[str, Defense]:
+    """Chapter 4's binary-feature models on a binarised training set."""
+    B = P.binary
+    losses = binary_losses(P)
+    chosen = {n: losses[n] for n in select(losses, names)}
+    trained = train_each(P, train_set, chosen, chapter="armor-binary", arch=B.arch, epochs=B.epochs,
+                         device=device, optimizer=B.optimizer, lr=B.lr, milestones=())
+    return {n: Defense(n, t.model, [t], chapter="armor") for n, t in trained.items()}

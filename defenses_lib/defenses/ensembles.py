@@ -6,24 +6,28 @@ AutoAttack see exactly what the defense predicts. The losses plug into ``trainin
 * ``IndependentLoss``: each member's cross-entropy, nothing shared (the plain baseline);
 * ``GALLoss``: plus GAL's penalty on aligned input gradients (Kariyappa and Qureshi, 2019);
 * ``DLCLoss``: plus low curvature per member and dispersion of the members' Hessian-vector
-  products (the paper's idea; its exact objective is a reconstruction, see REFERENCE.md [I]).
+  products (the paper's idea; the paper gives no formula, so the objective here is a
+  reconstruction from CURE's curvature term and TRS's cosine term; every choice is a named option).
+* ``build``: chapter 1's recipe (independent pre-training, then fine-tuning with each loss).
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
+from pathlib import Path
 
 import torch
 from torch import nn
 import torch.nn.functional as F
 
 from ..attacks import log_mean_softmax
-from ..checks import check_choice
-from ..curvature import direction as unit_direction, hvp_fd, loss_and_gradient
+from ..config import Configured
+from ..curvature import direction, hvp_fd, loss_and_gradient
 from ..models import build_model
 from ..runtime import seed_everything
 from ..training import fit
+from .base import Defense, select
 
 
 class Ensemble(nn.Module):
@@ -41,7 +45,8 @@ class Ensemble(nn.Module):
 
 def pairwise_cos(vectors: list[torch.Tensor], absolute: bool = True) -> torch.Tensor:
     """Per example, the mean over member pairs of the cosine (or |cosine|) between their vectors."""
-    cos = [F.cosine_similarity(a.flatten(1), b.flatten(1), dim=1, eps=1e-12) for a, b in itertools.combinations(vectors, 2)]
+    cos = [F.cosine_similarity(a.flatten(1), b.flatten(1), dim=1, eps=1e-12)
+           for a, b in itertools.combinations(vectors, 2)]
     cos = torch.stack(cos)
     return (cos.abs() if absolute else cos).mean(0)
 
@@ -51,22 +56,19 @@ def mean_pairwise_cos(vectors: list[torch.Tensor], absolute: bool = True) -> tor
     return pairwise_cos(vectors, absolute).mean()
 
 
-class IndependentLoss(nn.Module):
+class IndependentLoss(Configured, nn.Module):
     """The sum of the members' cross-entropies: members trained side by side, independently."""
 
     def forward(self, model: Ensemble, x, y):
         return sum(F.cross_entropy(m(x), y) for m in model.members)
 
 
-class GALLoss(nn.Module):
+class GALLoss(Configured, nn.Module):
     """Members' cross-entropy + coeff * log sum over pairs of exp(cos of their input gradients) (GAL)."""
 
     def __init__(self, coeff: float = 0.5):
         super().__init__()
         self.coeff = coeff
-
-    def extra_repr(self) -> str:
-        return f"coeff={self.coeff}"
 
     def forward(self, model: Ensemble, x, y):
         parts = [loss_and_gradient(m, x, y) for m in model.members]
@@ -75,10 +77,11 @@ class GALLoss(nn.Module):
         return sum(loss.mean() for loss, _ in parts) + self.coeff * torch.logsumexp(torch.stack(cos), 0)
 
 
-class DLCLoss(nn.Module):
+class DLCLoss(Configured, nn.Module):
     """Dispersed low-curvature ensemble loss (reconstructed objective of Zhao et al., 2024).
 
-    sum_m CE_m + alpha * mean_m ||H_m z||^2 + beta * mean_pairs |cos(H_m z, H_n z)| [+ gamma * mean_pairs |cos(g_m, g_n)|]
+    sum_m CE_m + alpha * mean_m ||H_m z||^2 + beta * mean_pairs |cos(H_m z, H_n z)|
+               [+ gamma * mean_pairs |cos(g_m, g_n)|]
 
     with H_m z the finite-difference Hessian-vector product of member m. Named options:
     ``direction`` ('sign': CURE's normalised gradient sign; 'random'), ``shared_direction`` (one z
@@ -98,27 +101,38 @@ class DLCLoss(nn.Module):
         self.direction, self.shared_direction, self.abs_cos = direction, shared_direction, abs_cos
         self.h = self.schedule[0]
 
-    def extra_repr(self) -> str:
-        return (f"alpha={self.alpha}, beta={self.beta}, h={self.schedule}, direction={self.direction!r}, "
-                f"shared_direction={self.shared_direction}, abs_cos={self.abs_cos}, gamma={self.gamma}")
-
     def set_epoch(self, epoch: int) -> None:
         """Use the schedule's h for this epoch (the last one after the schedule ends)."""
         self.h = self.schedule[min(epoch, len(self.schedule) - 1)]
 
-    def terms(self, model: Ensemble, x, y) -> dict[str, torch.Tensor]:
-        """The loss's parts: cross-entropy, curvature, dispersion and first-order alignment."""
-        parts = [loss_and_gradient(m, x, y) for m in model.members]
+    def responses(self, model: Ensemble, x, y, create_graph: bool = True):
+        """Each member's per-example losses, input gradients g_m and FD-HVPs H_m z."""
+        parts = [loss_and_gradient(m, x, y, create_graph) for m in model.members]
         grads = [g for _, g in parts]
-        shared = unit_direction(sum(g.detach() for g in grads), self.direction) if self.shared_direction else None
-        hvps = [hvp_fd(m, x, y, shared if shared is not None else unit_direction(g, self.direction), self.h, grad=g)
-                for m, g in zip(model.members, grads)]
+        if self.shared_direction:   # one z, from the sign of the summed gradients
+            shared = direction(sum(g.detach() for g in grads), self.direction)
+            zs = [shared] * len(grads)
+        else:
+            zs = [direction(g, self.direction) for g in grads]
+        hvps = [hvp_fd(m, x, y, z, self.h, create_graph=create_graph, grad=g)
+                for m, z, g in zip(model.members, zs, grads)]
+        return [loss for loss, _ in parts], grads, hvps
+
+    def terms(self, model: Ensemble, x, y) -> dict[str, torch.Tensor]:
+        """The loss's parts: cross-entropy, curvature, dispersion, first-order alignment."""
+        losses, grads, hvps = self.responses(model, x, y)
+        curvature = [v.flatten(1).pow(2).sum(1).mean() for v in hvps]   # ||H_m z||^2
         return {
-            "ce": sum(loss.mean() for loss, _ in parts),
-            "curvature": torch.stack([v.flatten(1).pow(2).sum(1).mean() for v in hvps]).mean(),
+            "ce": sum(loss.mean() for loss in losses),
+            "curvature": torch.stack(curvature).mean(),
             "dispersion": mean_pairwise_cos(hvps, self.abs_cos),
             "first_order": mean_pairwise_cos(grads, True),
         }
+
+    def alignment(self, model: Ensemble, x, y) -> dict[str, torch.Tensor]:
+        """Per example, the mean |cos| over member pairs of their HVPs and of their gradients (no graph)."""
+        _, grads, hvps = self.responses(model, x, y, create_graph=False)
+        return {"|cos| of HVPs": pairwise_cos(hvps).detach(), "|cos| of gradients": pairwise_cos(grads).detach()}
 
     def forward(self, model: Ensemble, x, y):
         t = self.terms(model, x, y)
@@ -131,30 +145,28 @@ def ensemble_losses(P) -> dict[str, nn.Module]:
     return {
         "independent": IndependentLoss(),
         "GAL": GALLoss(P.gal_coeff),
-        "DLC": DLCLoss(alpha=P.dlc_alpha, beta=P.dlc_beta, h=list(P.dlc_h), direction=P.dlc_direction,
-                       shared_direction=P.dlc_shared, abs_cos=P.dlc_abs, gamma=P.dlc_gamma),
+        "DLC": DLCLoss(alpha=P.dlc_curvature_weight, beta=P.dlc_dispersion_weight, h=list(P.dlc_h),
+                       direction=P.dlc_direction, shared_direction=P.dlc_shared, abs_cos=P.dlc_abs,
+                       gamma=P.dlc_gradient_weight),
     }
 
 
-def train_ensembles(P, train_set, device=None, chapter: str = "ensembles", names=None) -> dict[str, Ensemble]:
-    """Chapter 1's recipe: pre-train P.members members independently, then fine-tune a copy with each loss
-    (each of ``names`` only, when given).
-
-    All three ensembles start from the same pre-trained members and get the same number of
-    fine-tuning epochs, so they differ only in the fine-tuning loss. The first key is the
-    pre-trained ensemble itself ("pre-trained").
-    """
-    recipe = {k: P[k] for k in ("dataset", "arch", "members", "n_train", "seed")}
-    kw = dict(batch_size=P.batch_size, lr=P.lr, seed=P.seed, device=device)
+def build(P, train_set, device=None, names=None) -> dict[str, Defense]:
+    """Chapter 1's recipe: pre-train P.members members independently, then fine-tune a copy with
+    each loss (each of ``names`` only). The ensembles differ only in the fine-tuning loss; the
+    pre-trained ensemble itself is "pre-trained"."""
+    losses = ensemble_losses(P)
+    chosen = select({"pre-trained": None, **losses}, names)
+    recipe = dict(dataset=P.dataset, n_train=len(train_set), data_seed=P.seed)
     seed_everything(P.seed)   # the members' initial weights differ from each other but not from run to run
     pre = Ensemble([build_model(P.arch, P.dataset) for _ in range(P.members)])
-    pre = fit(pre, train_set, IndependentLoss(), chapter=chapter, name="pre-trained", recipe=recipe,
-              epochs=P.epochs_pretrain, **kw)
-    init = dict(recipe, epochs=P.epochs_pretrain, batch_size=P.batch_size, lr=P.lr)  # names the starting point
-    out = {"pre-trained": pre}
-    losses = ensemble_losses(P)
-    for name in losses if names is None else names:
-        check_choice("names", name, list(losses))
-        out[name] = fit(copy.deepcopy(pre), train_set, losses[name], chapter=chapter, name=name, recipe=dict(recipe, init=init),
-                        epochs=P.epochs_finetune, **dict(kw, seed=P.seed + 1))
-    return out
+    first = fit(pre, train_set, IndependentLoss(), chapter="ensembles", name="pre-trained", recipe=recipe,
+                epochs=P.epochs_pretrain, device=device, **P.schedule())
+    out = {"pre-trained": Defense("pre-trained", first.model, [first], chapter="ensembles")}
+    init = dict(recipe, pretrained=Path(first.record["checkpoint"]).name)  # names the starting point
+    for name in chosen:
+        if name != "pre-trained":
+            t = fit(copy.deepcopy(first.model), train_set, losses[name], chapter="ensembles", name=name,
+                    recipe=init, epochs=P.epochs_finetune, device=device, **dict(P.schedule(), seed=P.seed + 1))
+            out[name] = Defense(name, t.model, [first, t], chapter="ensembles")
+    return {n: out[n] for n in chosen}

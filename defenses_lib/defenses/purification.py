@@ -8,26 +8,31 @@ purifier, and the defended model ``classifier(purifier(transform(x)))`` as one m
 * ``PurifiedClassifier``: the whole defense, so every attack differentiates through all of it.
 * ``PurifierPretrainLoss`` (L1 reconstruction on clean data) and ``AToPLoss`` (the same plus
   lambda x the frozen classifier's cross-entropy on the purified adversarial example).
+* ``build``: chapter 2's recipe, the classifier alone, the pre-trained purifier and AToP as defenses.
 """
 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import torch
 from torch import nn
 import torch.nn.functional as F
 
-from ..attacks import check_inputs, fgsm, pgd
+from ..attacks import EOT, check_eps, check_inputs, fgsm, pgd
 from ..checks import check_choice
+from ..config import Configured
 from ..models import build_model
 from ..runtime import seed_everything
-from ..training import CrossEntropy, fit
+from ..training import fit
+from .base import Defense, select
+from .baselines import CrossEntropy
 
 KINDS = ("rt1", "rt2", "rt3")
 
 
-class RandomTransform(nn.Module):
+class RandomTransform(Configured, nn.Module):
     """AToP's random transforms of images in [0, 1]; masks are drawn per image unless ``shared_mask``.
 
     ``block`` is the side of a square block in pixels, ``missing_rate`` the fraction of blocks masked
@@ -42,23 +47,19 @@ class RandomTransform(nn.Module):
         super().__init__()
         check_choice("kind", kind, KINDS)
         if block < 1 or not 0 <= missing_rate <= 1 or sigma < 0 or n_masks < 2:
-            raise ValueError(f"need block >= 1, 0 <= missing_rate <= 1, sigma >= 0 and n_masks >= 2, got block={block}, "
+            raise ValueError("need block >= 1, 0 <= missing_rate <= 1, sigma >= 0 and n_masks >= 2, got "
+                             f"block={block}, "
                              f"missing_rate={missing_rate}, sigma={sigma}, n_masks={n_masks}")
         self.kind, self.block, self.missing_rate, self.sigma, self.n_masks = kind, block, missing_rate, sigma, n_masks
         self.shared_mask, self.generator, self.fixed_seed = shared_mask, generator, fixed_seed
 
-    def extra_repr(self) -> str:
-        return (f"kind={self.kind!r}, block={self.block}, missing_rate={self.missing_rate}, sigma={self.sigma}, "
-                f"n_masks={self.n_masks}, shared_mask={self.shared_mask}, fixed_seed={self.fixed_seed}")
-
     def replace(self, **changes) -> "RandomTransform":
         """A copy with some settings changed (e.g. ``fixed_seed``, ``sigma``); this transform is left as it is."""
-        new = copy.copy(self)
-        for key, value in changes.items():
-            if not hasattr(self, key):
-                raise ValueError(f"RandomTransform has no setting {key!r}")
-            setattr(new, key, value)
-        return new
+        unknown = sorted(set(changes) - set(self._config))
+        if unknown:
+            raise ValueError(f"RandomTransform has no setting {', '.join(unknown)}; its settings are "
+                             f"{', '.join(self._config)}")
+        return RandomTransform(**{**self._config, **changes})
 
     def _generator(self) -> torch.Generator | None:
         """The generator of this call: a freshly seeded one when the randomness is fixed."""
@@ -72,7 +73,7 @@ class RandomTransform(nn.Module):
         return h // self.block, w // self.block
 
     def sample(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(noisy image, masks): masks has shape (K, N, 1, H, W) with 1 where a pixel is missing (K = 1, or n_masks for RT3)."""
+        """(noisy image, masks): masks of shape (K, N, 1, H, W), 1 where a pixel is missing (K = 1, or n_masks: RT3)."""
         check_inputs(x)
         g = self._generator()
         gh, gw = self._grid(x)
@@ -101,7 +102,7 @@ def _conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1), nn.ReLU())
 
 
-class InpaintingUNet(nn.Module):
+class InpaintingUNet(Configured, nn.Module):
     """A small U-Net: (masked image, mask) -> the completed, denoised image in [0, 1]."""
 
     def __init__(self, channels: int = 1, width: int = 32):
@@ -124,7 +125,7 @@ class InpaintingUNet(nn.Module):
         return torch.sigmoid(torch.logit(x_masked.clamp(1e-3, 1 - 1e-3)) + self.out(d1))
 
 
-class PurifiedClassifier(nn.Module):
+class PurifiedClassifier(Configured, nn.Module):
     """The AToP defense as one module: classifier(purifier(transform(x))); the classifier is frozen.
 
     The purifier's whole output is used (it denoises the kept pixels as well as completing the
@@ -145,7 +146,7 @@ class PurifiedClassifier(nn.Module):
         return t.fixed_seed is None and ((t.kind != "rt1" and t.sigma > 0) or t.missing_rate > 0 or t.kind == "rt3")
 
     def purify(self, x: torch.Tensor) -> torch.Tensor:
-        """purifier(transform(x)), differentiable in x and in the purifier's weights."""
+        """purifier(transform(x)), differentiable in x and in the purifier."""
         noisy, masks = self.transform.sample(x)
         if len(masks) == 1:
             return self.purifier(noisy * (1 - masks[0]), masks[0])
@@ -165,14 +166,14 @@ class PurifiedClassifier(nn.Module):
         return PurifiedClassifier(self.classifier, self.purifier, self.transform.replace(fixed_seed=seed))
 
 
-class PurifierPretrainLoss(nn.Module):
+class PurifierPretrainLoss(Configured, nn.Module):
     """Pre-training: mean |x - purifier(transform(x))| on clean images."""
 
     def forward(self, model: PurifiedClassifier, x, y):
         return (model.purify(x) - x).abs().mean()
 
 
-class AToPLoss(nn.Module):
+class AToPLoss(Configured, nn.Module):
     """AToP fine-tuning: |target - g(t(x'))|_1 + lam * CE(f(g(t(x'))), y) with x' an adversarial example.
 
     Named options: ``attack`` ('fgsm', as the paper; or 'pgd' with ``steps``), ``victim`` (the
@@ -184,17 +185,15 @@ class AToPLoss(nn.Module):
     def __init__(self, eps: float, lam: float = 0.1, attack: str = "fgsm", steps: int = 10,
                  victim: str = "classifier", l1_target: str = "clean"):
         super().__init__()
-        check_inputs(torch.zeros(1, 1, 1, 1), eps=eps)
-        for name, value, allowed in (("attack", attack, ("fgsm", "pgd")), ("victim", victim, ("classifier", "pipeline")),
+        check_eps(eps)
+        for name, value, allowed in (("attack", attack, ("fgsm", "pgd")),
+                                     ("victim", victim, ("classifier", "pipeline")),
                                      ("l1_target", l1_target, ("clean", "adversarial"))):
             check_choice(name, value, allowed)
         if lam < 0:
             raise ValueError(f"lam must be >= 0, got {lam}")
-        self.eps, self.lam, self.attack, self.steps, self.victim, self.l1_target = eps, lam, attack, steps, victim, l1_target
-
-    def extra_repr(self) -> str:
-        return (f"eps={self.eps}, lam={self.lam}, attack={self.attack!r}, steps={self.steps}, victim={self.victim!r}, "
-                f"l1_target={self.l1_target!r}")
+        self.eps, self.lam, self.attack, self.steps = eps, lam, attack, steps
+        self.victim, self.l1_target = victim, l1_target
 
     def adversarial(self, model: PurifiedClassifier, x, y) -> torch.Tensor:
         """The adversarial example x' the purifier learns to undo."""
@@ -207,34 +206,47 @@ class AToPLoss(nn.Module):
         x_adv = self.adversarial(model, x, y)
         purified = model.purify(x_adv)
         target = x if self.l1_target == "clean" else x_adv
-        return (purified - target).abs().mean() + self.lam * F.cross_entropy(model.classifier(purified), y)
+        ce = F.cross_entropy(model.classifier(purified), y)
+        return (purified - target).abs().mean() + self.lam * ce
 
 
 def make_transform(P, kind: str | None = None, **overrides) -> RandomTransform:
     """The profile's random transform (``kind`` and keyword overrides change it, e.g. for the explorer)."""
-    settings = dict(kind=kind or P.transform, block=P.block, missing_rate=P.missing_rate, sigma=P.sigma, n_masks=P.n_masks)
+    settings = dict(kind=kind or P.transform, block=P.block, missing_rate=P.missing_rate, sigma=P.noise_sigma,
+                    n_masks=P.n_masks)
     return RandomTransform(**{**settings, **overrides})
 
 
-def train_purification(P, train_set, device=None, chapter: str = "purification") -> dict[str, nn.Module]:
-    """Chapter 2's recipe: a standard classifier, a purifier pre-trained behind the transform, then AToP fine-tuning.
+def _randomized(P, name: str, pipeline: PurifiedClassifier, stages) -> Defense:
+    """A purification pipeline as a defense: predicts with ``P.eot_draws`` draws, attacked through
+    ``P.attack_draws`` per step (EOT), its randomness fixed for sanity check 5."""
+    return Defense(name, EOT(pipeline, P.eot_draws), stages, attack_model=EOT(pipeline, P.attack_draws),
+                   randomized=True, repeats=P.score_repeats, fixed_model=pipeline.with_fixed_randomness(P.seed),
+                   chapter="purification")
 
-    Returns {"classifier": f, "purifier": f(g(t(.))) with the pre-trained g, "AToP": the same after
-    fine-tuning}; the classifier is shared and frozen once trained.
-    """
-    recipe = {k: P[k] for k in ("dataset", "arch", "n_train", "seed")}
-    kw = dict(batch_size=P.batch_size, lr=P.lr, seed=P.seed, device=device)
+
+def build(P, train_set, device=None, names=None) -> dict[str, Defense]:
+    """Chapter 2's recipe: a standard classifier ("no defense"), a purifier pre-trained behind the
+    transform ("purifier": f(g(t(.)))), then AToP fine-tuning ("AToP"); the classifier is frozen."""
+    chosen = select(dict.fromkeys(("no defense", "purifier", "AToP")), names)
+    recipe = dict(dataset=P.dataset, n_train=len(train_set), data_seed=P.seed)
+    kw = dict(P.schedule(), device=device)
     seed_everything(P.seed)
-    classifier = fit(build_model(P.arch, P.dataset), train_set, CrossEntropy(), chapter=chapter, name="classifier",
-                     recipe=recipe, epochs=P.epochs_classifier, **kw)
+    clf = fit(build_model(P.arch, P.dataset), train_set, CrossEntropy(), chapter="purification",
+              name="classifier", recipe=recipe, epochs=P.epochs_classifier, **kw)
+    seed_everything(P.seed)
     channels = train_set[0][0].shape[0]
-    seed_everything(P.seed)
-    pipeline = PurifiedClassifier(classifier, InpaintingUNet(channels, P.purifier_width), make_transform(P))
-    recipe = dict(recipe, classifier_epochs=P.epochs_classifier, width=P.purifier_width, transform=repr(pipeline.transform))
-    pre = fit(pipeline, train_set, PurifierPretrainLoss(), chapter=chapter, name="purifier", recipe=recipe,
-              epochs=P.epochs_pretrain, **kw)
-    loss = AToPLoss(P.ft_eps, lam=P.ft_lambda, attack=P.ft_attack, victim=P.ft_victim, l1_target=P.ft_l1_target)
-    atop = fit(copy.deepcopy(pre), train_set, loss, chapter=chapter, name="AToP",
-               recipe=dict(recipe, pretrain_epochs=P.epochs_pretrain), epochs=P.epochs_finetune,
-               **dict(kw, seed=P.seed + 1, lr=P.lr_finetune))
-    return {"classifier": classifier, "purifier": pre, "AToP": atop}
+    pipeline = PurifiedClassifier(clf.model, InpaintingUNet(channels, P.purifier_width), make_transform(P))
+    recipe = dict(recipe, classifier=Path(clf.record["checkpoint"]).name)
+    pre = fit(pipeline, train_set, PurifierPretrainLoss(), chapter="purification", name="purifier",
+              recipe=recipe, epochs=P.epochs_pretrain, **kw)
+    out = {"no defense": Defense("no defense", clf.model, [clf], chapter="purification"),
+           "purifier": _randomized(P, "purifier", pre.model, [clf, pre])}
+    if "AToP" in chosen:
+        loss = AToPLoss(P.ft_eps, lam=P.ft_ce_weight, attack=P.ft_attack, victim=P.ft_victim,
+                        l1_target=P.ft_l1_target)
+        recipe = dict(recipe, pretrained=Path(pre.record["checkpoint"]).name)
+        atop = fit(copy.deepcopy(pre.model), train_set, loss, chapter="purification", name="AToP",
+                   recipe=recipe, epochs=P.epochs_finetune, **dict(kw, seed=P.seed + 1, lr=P.lr_finetune))
+        out["AToP"] = _randomized(P, "AToP", atop.model, [clf, pre, atop])
+    return {n: out[n] for n in chosen}

@@ -1,26 +1,26 @@
 """Randomized smoothing (Cohen, Rosenfeld and Kolter 2019) and variational, sample-wise smoothing
-(Hase et al. 2024, reconstructed: REFERENCE.md section 002 [I]).
+(Hase et al. 2024; the paper's objective is not fully specified, so the selector's training loss
+and the certificate here are the book's reconstruction, each choice a named option).
 
 * ``GaussianNoiseLoss``: cross-entropy on x + sigma * noise (the fixed-sigma baseline's training).
 * ``SmoothedClassifier``: log of the softmax averaged over ``draws`` noisy copies, differentiable in x
   (what a PGD+EOT attacker differentiates, and what soft-smoothing losses train).
-* ``sample_counts``, ``predict`` and ``certify``: the hard smoothed classifier
-  g(x) = argmax_c P(f(x + sigma * noise) = c), its abstaining prediction and its certified l_2 radius
-  sigma * Phi^-1(p_lower), with the one-sided Clopper-Pearson bound from SciPy.
+* ``sample_counts`` and ``certify``: the hard smoothed classifier g(x) = argmax_c P(f(x + sigma * noise) = c)
+  and its certified l_2 radius sigma * Phi^-1(p_lower), with the one-sided Clopper-Pearson bound from SciPy.
 * ``NoiseSelector``, ``VariationalSmoothing`` and ``VariationalSmoothingLoss``: a per-input noise level
   sigma(x) conditioned on a target sigma_t, protected by median smoothing, trained with the classifier.
 * ``percentile_bounds`` and ``certify_variational``: a certificate that lets the attacker move sigma(x).
-* ``train_smoothing``: chapter 3's recipe.
+* ``build``: chapter 3's recipe, every model as a defense with its attacker and its certificate.
 
 ``sigma`` may be a number or one value per image (a sample-wise noise level).
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import nn
@@ -28,9 +28,12 @@ import torch.nn.functional as F
 from scipy.stats import binom, binomtest, norm
 
 from ..attacks import check_inputs, eval_mode, log_mean_softmax
+from ..config import Configured
+from ..evaluation import FixedRandomness
 from ..models import build_model
 from ..runtime import model_device, progress, seed_everything
 from ..training import fit
+from .base import Defense, select
 
 ABSTAIN = -1
 
@@ -47,14 +50,14 @@ def _sigmas(sigma, n: int) -> torch.Tensor:
 
 
 def soft_smoothed(base: nn.Module, x: torch.Tensor, sigma, draws: int) -> torch.Tensor:
-    """log mean_m softmax(base(x + sigma * noise_m)) over ``draws`` draws; sigma a number or a tensor of one per image."""
+    """log mean_m softmax(base(x + sigma * noise_m)) over ``draws`` draws; sigma a number or one per image."""
     n = len(x)
     sigma = sigma.repeat(draws).view(-1, 1, 1, 1) if torch.is_tensor(sigma) else sigma
     noisy = x.repeat(draws, 1, 1, 1) + sigma * torch.randn((draws * n, *x.shape[1:]), device=x.device)
     return log_mean_softmax(base(noisy).view(draws, n, -1))
 
 
-class GaussianNoiseLoss(nn.Module):
+class GaussianNoiseLoss(Configured, nn.Module):
     """Training for smoothing at a fixed sigma: cross-entropy on x + sigma * N(0, I) (Cohen et al.)."""
 
     def __init__(self, sigma: float):
@@ -62,14 +65,11 @@ class GaussianNoiseLoss(nn.Module):
         _sigmas(sigma, 1)
         self.sigma = sigma
 
-    def extra_repr(self) -> str:
-        return f"sigma={self.sigma}"
-
     def forward(self, model, x, y):
         return F.cross_entropy(model(x + self.sigma * torch.randn_like(x)), y)
 
 
-class SmoothedClassifier(nn.Module):
+class SmoothedClassifier(Configured, nn.Module):
     """The soft smoothed classifier: log mean_m softmax(f(x + sigma * noise_m)) over ``draws`` draws.
 
     Differentiable in x, so PGD on it is PGD with EOT through the noise; ``randomized`` tells the
@@ -84,9 +84,6 @@ class SmoothedClassifier(nn.Module):
         if draws < 1:
             raise ValueError(f"draws must be >= 1, got {draws}")
         self.base, self.sigma, self.draws = base, sigma, draws
-
-    def extra_repr(self) -> str:
-        return f"sigma={self.sigma}, draws={self.draws}"
 
     def forward(self, x):
         return soft_smoothed(self.base, x, self.sigma, self.draws)
@@ -139,7 +136,7 @@ def lower_confidence_bound(successes: int, trials: int, alpha: float) -> float:
 
 
 def _check(x, n, alpha):
-    """Clear errors for CERTIFY's and PREDICT's arguments."""
+    """Clear errors for CERTIFY's arguments."""
     check_inputs(x)
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
@@ -168,46 +165,36 @@ class Certificate:
         return {float(r): self.certified(y, r).float().mean().item() for r in radii}
 
 
-def certify(base: nn.Module, x: torch.Tensor, sigma, n0: int = 100, n: int = 100_000, alpha: float = 0.001,
-            num_classes: int = 10, batch_size: int = 1000, generator: torch.Generator | None = None,
+def certify(base: nn.Module, x: torch.Tensor, sigma, n0: int = 100, n: int = 100_000,
+            alpha: float = 0.001, num_classes: int = 10, batch_size: int = 1000,
+            generator: torch.Generator | None = None,
             desc: str | None = None) -> Certificate:
-    """Cohen et al.'s CERTIFY for each image of x: pick the class with n0 draws, estimate it with n more.
+    """Cohen et al.'s CERTIFY for each image of x: the class from n0 draws, its
+    probability bounded from n more.
 
-    Abstains (prediction -1, radius 0) when the lower bound p_lower on the top class's probability is
-    below 1/2; otherwise the radius is sigma * Phi^-1(p_lower), with probability >= 1 - alpha per image.
+    Abstains (prediction -1, radius 0) when the lower bound p_lower on the top
+    class's probability is below 1/2; otherwise the radius is sigma * Phi^-1(p_lower),
+    with probability >= 1 - alpha per image.
     """
     _check(x, n, alpha)
     sig = _sigmas(sigma, len(x))
-    pred, radius, p_low = torch.full((len(x),), ABSTAIN), torch.zeros(len(x)), torch.zeros(len(x))
-    timings = Timings()
+    pred, radius = torch.full((len(x),), ABSTAIN), torch.zeros(len(x))
+    p_low, timings = torch.zeros(len(x)), Timings()
     for i in progress(range(len(x)), desc, enabled=desc is not None):
-        c = int(sample_counts(base, x[i], float(sig[i]), n0, num_classes, batch_size, generator, timings).argmax())
-        n_a = int(sample_counts(base, x[i], float(sig[i]), n, num_classes, batch_size, generator, timings)[c])
-        p_low[i] = lower_confidence_bound(n_a, n, alpha)
+        s = float(sig[i])
+        counts = partial(sample_counts, base, x[i], s, num_classes=num_classes,
+                         batch_size=batch_size, generator=generator, timings=timings)
+        c = int(counts(n0).argmax())            # guess the top class with n0 draws
+        p_low[i] = lower_confidence_bound(int(counts(n)[c]), n, alpha)   # bound it
         if p_low[i] >= 0.5:
-            pred[i], radius[i] = c, float(sig[i]) * float(norm.ppf(float(p_low[i])))
+            pred[i], radius[i] = c, s * float(norm.ppf(float(p_low[i])))
     return Certificate(pred, radius, p_low, sig, n, alpha, timings)
 
 
-def predict(base: nn.Module, x: torch.Tensor, sigma, n: int = 1000, alpha: float = 0.001, num_classes: int = 10,
-            batch_size: int = 1000, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Cohen et al.'s PREDICT: the top class unless a two-sided binomial test cannot tell it from the runner-up (-1)."""
-    _check(x, n, alpha)
-    sig = _sigmas(sigma, len(x))
-    out = torch.full((len(x),), ABSTAIN)
-    for i in range(len(x)):
-        counts = sample_counts(base, x[i], float(sig[i]), n, num_classes, batch_size, generator)
-        top2 = counts.topk(2)
-        n_a, n_b = int(top2.values[0]), int(top2.values[1])
-        if binomtest(n_a, n_a + n_b, 0.5).pvalue <= alpha:
-            out[i] = int(top2.indices[0])
-    return out
+# --- Variational, sample-wise smoothing (Hase et al. 2024, as the book reconstructs it) ---
 
 
-# --- Variational, sample-wise smoothing (Hase et al. 2024; reconstructed, REFERENCE.md section 002 [I]) ---
-
-
-class NoiseSelector(nn.Module):
+class NoiseSelector(Configured, nn.Module):
     """The noise-level selector h(x, sigma_t) -> sigma_s(x) in [sigma_min, sigma_max].
 
     A small CNN; the target level sigma_t enters as an extra constant input channel, so one selector
@@ -224,16 +211,13 @@ class NoiseSelector(nn.Module):
                                  nn.Conv2d(width, 2 * width, 3, 2, 1), nn.ReLU(),
                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, 1))
 
-    def extra_repr(self) -> str:
-        return f"sigma_min={self.sigma_min}, sigma_max={self.sigma_max}"
-
     def forward(self, x: torch.Tensor, sigma_t) -> torch.Tensor:
         t = _sigmas(sigma_t, len(x)).to(x.device)
         h = self.net(torch.cat([x, t.view(-1, 1, 1, 1).expand(-1, 1, *x.shape[-2:])], 1)).squeeze(1)
         return self.sigma_min + (self.sigma_max - self.sigma_min) * torch.sigmoid(h)
 
 
-class VariationalSmoothing(nn.Module):
+class VariationalSmoothing(Configured, nn.Module):
     """The sample-wise defense as one module: a noise level sigma_hat(x) per image, then soft smoothing at it.
 
     sigma_hat(x) = median over ``median_draws`` draws of selector(x + sigma_h * noise, sigma_t): median
@@ -264,10 +248,6 @@ class VariationalSmoothing(nn.Module):
         self.sigma_t, self.draws, self.median_draws, self.sigma_h = sigma_t, draws, median_draws, sigma_h
         self.levels = None if levels is None else tuple(float(v) for v in levels)
 
-    def extra_repr(self) -> str:
-        return (f"sigma_t={self.sigma_t}, draws={self.draws}, median_draws={self.median_draws}, sigma_h={self.sigma_h}, "
-                f"levels={self.levels}")
-
     def quantize(self, sigma: torch.Tensor) -> torch.Tensor:
         """Round each noise level to the nearest of ``levels`` in log scale; the identity when levels is None."""
         if self.levels is None:
@@ -283,10 +263,12 @@ class VariationalSmoothing(nn.Module):
         return self.selector(noisy, self.sigma_t).view(k, len(x))
 
     def noise_level(self, x: torch.Tensor, smoothed: bool = True) -> torch.Tensor:
-        """sigma_hat(x) per image: the median-smoothed, rounded selector, or the raw one with ``smoothed=False``."""
+        """sigma_hat(x) per image: the median-smoothed, rounded selector (or the raw
+        one, ``smoothed=False``)."""
         if not smoothed:
             return self.selector(x, self.sigma_t)
-        return self.quantize(self.selector_samples(x, self.median_draws).median(0).values)
+        samples = self.selector_samples(x, self.median_draws)
+        return self.quantize(samples.median(0).values)
 
     def forward(self, x):
         return soft_smoothed(self.base, x, self.noise_level(x), self.draws)
@@ -297,7 +279,7 @@ class VariationalSmoothing(nn.Module):
                                     self.levels)
 
 
-class VariationalSmoothingLoss(nn.Module):
+class VariationalSmoothingLoss(Configured, nn.Module):
     """Joint training of classifier and selector: the soft smoothed classifier's cross-entropy at sigma_s(x)
     plus ``beta`` * (log sigma_s(x) - log sigma_t)^2, which pulls the selector toward the target.
 
@@ -317,15 +299,13 @@ class VariationalSmoothingLoss(nn.Module):
                              f"got sigma_t_range={sigma_t_range}, draws={draws}, beta={beta}, tau={tau}")
         self.sigma_t_range, self.draws, self.beta, self.tau = (lo, hi), draws, beta, tau
 
-    def extra_repr(self) -> str:
-        return f"sigma_t_range={self.sigma_t_range}, draws={self.draws}, beta={self.beta}, tau={self.tau}"
-
     def forward(self, model: VariationalSmoothing, x, y):
         lo, hi = self.sigma_t_range
         sigma_t = lo + (hi - lo) * torch.rand(()).item()
         s = model.selector(x + model.sigma_h * torch.randn_like(x), sigma_t)
         level = s * torch.exp(self.tau * torch.randn_like(s)) if self.tau else s
-        return F.nll_loss(soft_smoothed(model.base, x, level, self.draws), y) + self.beta * ((s.log() - math.log(sigma_t)) ** 2).mean()
+        pull = ((s.log() - math.log(sigma_t)) ** 2).mean()
+        return F.nll_loss(soft_smoothed(model.base, x, level, self.draws), y) + self.beta * pull
 
 
 def percentile_bounds(samples: torch.Tensor, q_low: float, q_high: float, alpha: float,
@@ -365,7 +345,8 @@ def certify_variational(model: VariationalSmoothing, x: torch.Tensor, radii, n0:
     (split over the levels).
     """
     if model.levels is None:
-        raise ValueError("certify_variational needs a model with levels (a continuous noise level has no certificate here)")
+        raise ValueError("certify_variational needs a model with levels (a continuous noise level has no "
+                         "certificate here)")
     if model.sigma_h <= 0:
         raise ValueError(f"median smoothing needs sigma_h > 0, got {model.sigma_h}")
     _check(x, n, alpha)
@@ -374,59 +355,109 @@ def certify_variational(model: VariationalSmoothing, x: torch.Tensor, radii, n0:
     pred, radius, p_min, sig = (torch.full((len(x),), ABSTAIN), torch.zeros(len(x)), torch.zeros(len(x)),
                                 torch.zeros(len(x)))
     timings = Timings()
-    levels = torch.tensor(model.levels)
     with eval_mode(model), torch.no_grad():
         for i in progress(range(len(x)), desc, enabled=desc is not None):
-            xi = x[i:i + 1].to(model_device(model))
-            samples = model.selector_samples(xi, selector_draws)[:, 0].cpu()
+            samples = model.selector_samples(x[i:i + 1].to(model_device(model)), selector_draws)[:, 0].cpu()
             sig[i] = model.quantize(samples.median())
-            c = int(sample_counts(model.base, x[i], float(sig[i]), n0, num_classes, batch_size, generator, timings).argmax())
-            p_low: dict[float, float] = {}
+            counts = partial(sample_counts, model.base, x[i], num_classes=num_classes, batch_size=batch_size,
+                             generator=generator, timings=timings)
+            c = int(counts(float(sig[i]), n0).argmax())
+            p_low: dict[float, float] = {}   # each reachable level's p_lower, computed once
             for r in radii:
-                low, high = percentile_bounds(samples, norm.cdf(-r / model.sigma_h), norm.cdf(r / model.sigma_h), a_sel,
-                                              model.selector.sigma_min, model.selector.sigma_max)
-                reach = [float(v) for v in levels[(levels >= model.quantize(torch.tensor(low))) &
-                                                  (levels <= model.quantize(torch.tensor(high)))]]
+                reach = _reachable_levels(model, samples, r, a_sel)
                 for v in reach:
                     if v not in p_low:
-                        n_a = int(sample_counts(model.base, x[i], v, n, num_classes, batch_size, generator, timings)[c])
-                        p_low[v] = lower_confidence_bound(n_a, n, a_lvl)
+                        p_low[v] = lower_confidence_bound(int(counts(v, n)[c]), n, a_lvl)
                 if not reach or not all(p_low[v] >= 0.5 and v * norm.ppf(p_low[v]) >= r for v in reach):
                     break
                 pred[i], radius[i], p_min[i] = c, r, min(p_low[v] for v in reach)
     return Certificate(pred, radius, p_min, sig, n, alpha, timings)
 
 
+def selector_radius_limit(sigma_h: float, n_radii: int, alpha: float, selector_draws: int) -> float:
+    """The largest radius :func:`certify_variational` can certify: beyond it no order statistic of
+    ``selector_draws`` samples bounds the selector's Phi(-r / sigma_h) percentile at the failure
+    probability it spends per radius (alpha / 2 over ``n_radii`` radii, 0 included)."""
+    per_radius = alpha / 2 / n_radii
+    return float(-sigma_h * norm.ppf(1 - per_radius ** (1 / selector_draws)))
+
+
+def _reachable_levels(model: VariationalSmoothing, samples: torch.Tensor, r: float,
+                      alpha: float) -> list[float]:
+    """The rounded noise levels an l_2 perturbation of norm <= r can move the
+    selector's median to, from percentile bounds on its ``samples`` (each bound
+    holds with probability >= 1 - alpha)."""
+    q_low, q_high = norm.cdf(-r / model.sigma_h), norm.cdf(r / model.sigma_h)
+    low, high = percentile_bounds(samples, q_low, q_high, alpha,
+                                  model.selector.sigma_min, model.selector.sigma_max)
+    levels = torch.tensor(model.levels)
+    lo, hi = (model.quantize(torch.tensor(v)) for v in (low, high))
+    return [float(v) for v in levels[(levels >= lo) & (levels <= hi)]]
+
+
 def fewer_draws(model: nn.Module, draws: int, median_draws: int | None = None) -> nn.Module:
     """The same smoothed defense (shared weights) averaging fewer draws: what an EOT attacker differentiates."""
     if draws < 1 or (median_draws is not None and median_draws < 1):
         raise ValueError(f"draws and median_draws must be >= 1, got draws={draws}, median_draws={median_draws}")
-    attacker = copy.copy(model)
-    attacker.draws = draws
-    if median_draws is not None and hasattr(attacker, "median_draws"):
-        attacker.median_draws = median_draws
-    return attacker
+    changes = {"draws": draws}
+    if median_draws is not None and "median_draws" in model._config:
+        changes["median_draws"] = median_draws
+    return type(model)(**{**model._config, **changes})
 
 
-def train_smoothing(P, train_set, device=None, chapter: str = "smoothing") -> dict[str, nn.Module]:
-    """Chapter 3's recipe: one base classifier trained with Gaussian noise per sigma in ``P.sigmas``, and the
-    variational model (classifier and selector trained jointly) from the same initialisation.
+def _gaussian(P, sigma: float, training) -> Defense:
+    """Cohen et al.'s smoothed classifier at ``sigma`` as a defense, with its certificate."""
+    model = SmoothedClassifier(training.model, sigma, P.smooth_draws)
+    attacker = fewer_draws(model, P.attack_draws)
 
-    Returns {"sigma=0.12": base classifier, ..., "variational": VariationalSmoothing at sigma_t = the middle
-    one of ``P.sigmas``}.
-    """
-    recipe = {k: P[k] for k in ("dataset", "arch", "n_train", "seed")}
-    kw = dict(batch_size=P.batch_size, lr=P.lr, seed=P.seed, device=device)
-    models = {}
-    for sigma in P.sigmas:
+    def certificate(x, desc=None):
+        """CERTIFY at sigma, noise seeded."""
+        return certify(training.model, x, sigma, n0=P.cert_n0, n=P.cert_n, alpha=P.cert_failure_prob,
+                       generator=torch.Generator().manual_seed(P.seed), desc=desc)
+
+    return Defense(f"sigma = {sigma:g}", model, [training], attack_model=attacker, randomized=True,
+                   repeats=P.score_repeats, fixed_model=FixedRandomness(attacker, P.seed), certify=certificate,
+                   chapter="smoothing")
+
+
+def _variational(P, sigma_t: float, training) -> Defense:
+    """The variational model asked for target ``sigma_t``, as a defense with its certificate."""
+    model = training.model.with_target(sigma_t)
+    attacker = fewer_draws(model, P.attack_draws, P.attack_median_draws)
+
+    def certificate(x, desc=None):
+        """The sample-wise certificate, selector draws and noise seeded."""
+        torch.manual_seed(P.seed)
+        return certify_variational(model, x, P.radii, n0=P.cert_n0, n=P.cert_n, alpha=P.cert_failure_prob,
+                                   selector_draws=P.selector_draws, generator=torch.Generator().manual_seed(P.seed),
+                                   desc=desc)
+
+    return Defense(f"variational, sigma_t = {sigma_t:g}", model, [training], attack_model=attacker,
+                   randomized=True, repeats=P.score_repeats, fixed_model=FixedRandomness(attacker, P.seed),
+                   certify=certificate, chapter="smoothing")
+
+
+def build(P, train_set, device=None, names=None) -> dict[str, Defense]:
+    """Chapter 3's recipe: a base classifier trained with Gaussian noise per sigma of ``P.sigmas``
+    ("sigma = 0.25": Cohen's smoothed classifier), and the variational model (classifier and selector
+    trained jointly from the same initialisation) at each target ("variational, sigma_t = 0.25")."""
+    fixed = {f"sigma = {s:g}": s for s in P.sigmas}
+    targets = {f"variational, sigma_t = {t:g}": t for t in P.sigmas}
+    chosen = select({**fixed, **targets}, names)
+    recipe = dict(dataset=P.dataset, n_train=len(train_set), data_seed=P.seed)
+    kw = dict(P.schedule(), device=device)
+    out = {}
+    for name in (n for n in chosen if n in fixed):
         seed_everything(P.seed)
-        models[f"sigma={sigma:g}"] = fit(build_model(P.arch, P.dataset), train_set, GaussianNoiseLoss(sigma),
-                                         chapter=chapter, name=f"gaussian-{sigma:g}", recipe=recipe, epochs=P.epochs, **kw)
-    seed_everything(P.seed)
-    selector = NoiseSelector(train_set[0][0].shape[0], P.selector_width, P.sigma_min, P.sigma_max)
-    model = VariationalSmoothing(build_model(P.arch, P.dataset), selector, P.sigmas[len(P.sigmas) // 2], P.smooth_draws,
-                                 P.median_draws, P.sigma_h, P.levels)
-    loss = VariationalSmoothingLoss(P.sigma_t_range, P.train_draws, P.beta, P.tau)
-    models["variational"] = fit(model, train_set, loss, chapter=chapter, name="variational",
-                                recipe=dict(recipe, selector=repr(selector), sigma_h=P.sigma_h), epochs=P.epochs, **kw)
-    return models
+        t = fit(build_model(P.arch, P.dataset), train_set, GaussianNoiseLoss(fixed[name]), chapter="smoothing",
+                name=f"gaussian-{fixed[name]:g}", recipe=recipe, epochs=P.epochs, **kw)
+        out[name] = _gaussian(P, fixed[name], t)
+    if any(n in targets for n in chosen):
+        seed_everything(P.seed)
+        selector = NoiseSelector(train_set[0][0].shape[0], P.selector_width, P.sigma_min, P.sigma_max)
+        model = VariationalSmoothing(build_model(P.arch, P.dataset), selector, P.sigmas[len(P.sigmas) // 2],
+                                     P.smooth_draws, P.median_draws, P.sigma_h, P.levels)
+        loss = VariationalSmoothingLoss(P.sigma_t_range, P.train_draws, P.selector_weight, P.selector_jitter)
+        t = fit(model, train_set, loss, chapter="smoothing", name="variational", recipe=recipe, epochs=P.epochs, **kw)
+        out.update({n: _variational(P, targets[n], t) for n in chosen if n in targets})
+    return {n: out[n] for n in chosen}

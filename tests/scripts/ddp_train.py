@@ -13,7 +13,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from defenses_lib import distributed
-from defenses_lib.training import CrossEntropy, PGDAdversarialLoss, atomic_save, train
+from defenses_lib.defenses.baselines import CrossEntropy, PGDAdversarialLoss
+from defenses_lib.training import atomic_save, train
 
 
 class ScaledCrossEntropy(nn.Module):
@@ -39,7 +40,8 @@ def trained(loss_name: str) -> dict:
     return {"model": model.state_dict(), "loss": loss.state_dict()}
 
 
-LOSSES = {"cross-entropy": CrossEntropy, "PGD-AT (zero start)": lambda: PGDAdversarialLoss(0.1, 2, 0.05, random_start=False),
+LOSSES = {"cross-entropy": CrossEntropy,
+          "PGD-AT (zero start)": lambda: PGDAdversarialLoss(0.1, 2, 0.05, random_start=False),
           "learned scale": ScaledCrossEntropy}
 
 
