@@ -18,7 +18,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from .checks import check_choice
+from .checks import check_choice, check_int, check_number
 
 NORMS = ("linf", "l2")
 LOSSES = ("ce", "margin", "dlr")
@@ -57,12 +57,20 @@ def check_inputs(x: torch.Tensor, y: torch.Tensor | None = None, eps: float | No
         raise ValueError(f"x must be a tensor of shape (N, C, H, W), got {shape}")
     if not x.is_floating_point():
         raise ValueError(f"x must be a floating-point tensor with pixels in [0, 1], got dtype {x.dtype}")
-    lo, hi = float(x.detach().min()), float(x.detach().max())
+    if len(x) == 0:
+        raise ValueError(f"x must hold at least one image, got shape {tuple(x.shape)}")
+    lo, hi = float(x.detach().min()), float(x.detach().max())   # NaN propagates into both
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        bad = int((~torch.isfinite(x.detach())).sum())
+        raise ValueError(f"x must hold finite pixels in [0, 1], got {bad} NaN or infinite values")
     if lo < -1e-6 or hi > 1 + 1e-6:
         raise ValueError("x must hold pixels in [0, 1] (normalisation belongs inside the model), "
                          f"got range [{lo:.3g}, {hi:.3g}]")
-    if y is not None and (y.dim() != 1 or y.shape[0] != x.shape[0]):
-        raise ValueError(f"y must have shape ({x.shape[0]},) to match x, got {tuple(y.shape)}")
+    if y is not None and (not isinstance(y, torch.Tensor) or y.dim() != 1 or y.shape[0] != x.shape[0]):
+        shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+        raise ValueError(f"y must be a tensor of shape ({x.shape[0]},) to match x, got {shape}")
+    if y is not None and (y.is_floating_point() or y.is_complex()):
+        raise ValueError(f"y must hold integer class labels, got dtype {y.dtype}")
     if eps is not None:
         check_eps(eps)
     if norm is not None:
@@ -159,8 +167,10 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: f
     With ``targeted=True``, ``y`` holds the target classes. ``alpha`` defaults to 2.5 * eps / steps.
     """
     check_inputs(x, y, eps, norm)
-    if steps < 1 or restarts < 1:
-        raise ValueError(f"steps and restarts must be >= 1, got steps={steps}, restarts={restarts}")
+    check_int("steps", steps)
+    check_int("restarts", restarts)
+    if alpha is not None:   # a negative step would descend the loss; zero moves only at eps = 0
+        check_number("alpha", alpha, strict=eps > 0)
     early_stop = not is_declared_random(model) if early_stop is None else early_stop
     alpha = 2.5 * eps / steps if alpha is None else alpha
     x, y = x.detach(), y.detach()

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .attacks import check_inputs, eval_mode, fgsm, pgd
+from .checks import check_choice, check_int, check_number
 from .runtime import model_device, progress, record
 from .stats import Estimate, accuracy_interval
 
@@ -58,6 +59,7 @@ def run_attack(attack, model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch
                desc: str | None = None) -> torch.Tensor:
     """Run an attack over (x, y) in batches on the model's device, with a progress bar; returns x_adv."""
     check_inputs(x, y)
+    check_int("batch_size", batch_size)
     dev = model_device(model)
     parts = [attack(model, x[s].to(dev), y[s].to(dev)).cpu()
              for s in progress(_batches(len(x), batch_size), desc, enabled=desc is not None)]
@@ -153,6 +155,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: dict, 
     scored over ``repeats`` independent predictions (see :func:`correctness`).
     """
     check_inputs(x, y)
+    check_int("batch_size", batch_size)
+    check_int("repeats", repeats)
     correct = {"clean": correctness(model, x, y, repeats)}
     seconds = {}
     for name, attack in attacks.items():
@@ -214,6 +218,10 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, n
     from pyautoattack import AutoAttack
 
     check_inputs(x, y, eps, norm)
+    check_int("batch_size", batch_size)
+    check_choice("version", version, ("standard", "rand", "custom"))
+    if version == "custom" and not attacks:
+        raise ValueError(f"version='custom' needs attacks, a list of AutoAttack's attacks, got {attacks!r}")
     dev = model_device(model)
     with eval_mode(model):
         aa = AutoAttack(model, eps=eps, norm={"linf": "Linf", "l2": "L2"}[norm],
@@ -235,6 +243,7 @@ def square_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
     from pyautoattack.square import SquareAttack
 
     check_inputs(x, y, eps, norm)
+    check_int("n_queries", n_queries)
     with eval_mode(model), torch.no_grad():
         sq = SquareAttack(model, norm={"linf": "Linf", "l2": "L2"}[norm], n_queries=n_queries, eps=eps,
                           p_init=0.8, n_restarts=1, seed=seed, verbose=False, resc_schedule=False,
@@ -428,6 +437,10 @@ def sanity_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
     model); every accuracy is the model's, scored over ``repeats`` predictions.
     """
     check_inputs(x, y, eps, norm)
+    for name, value in (("steps", steps), ("n_queries", n_queries), ("batch_size", batch_size),
+                        ("repeats", repeats), ("num_classes", num_classes)):
+        check_int(name, value, minimum=2 if name == "num_classes" else 1)
+    check_number("tol", tol)
     large_eps = large_eps if large_eps is not None else (0.5 if norm == "linf" else 4 * eps)
     target = attack_model if attack_model is not None else model
     p = _Probe(model, target, x, y, eps, norm, steps, repeats, batch_size, is_randomized(model, x[:8]))

@@ -1,5 +1,7 @@
 """Attacks: budgets, box, model mode, cost, strength and input checking."""
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -135,7 +137,7 @@ def test_bad_inputs_raise_clear_errors(tiny_model):
         pgd(tiny_model, x * 2 - 0.5, y, 0.1)
     with pytest.raises(ValueError, match="shape"):
         pgd(tiny_model, x[:, 0], y, 0.1)
-    with pytest.raises(ValueError, match="y must have shape"):
+    with pytest.raises(ValueError, match="y must be a tensor of shape"):
         pgd(tiny_model, x, y[:3], 0.1)
     with pytest.raises(ValueError, match="floating-point"):
         pgd(tiny_model, (x * 255).to(torch.uint8), y, 0.1)
@@ -201,3 +203,44 @@ def test_top_k_targeted_tries_the_most_likely_wrong_classes_in_order():
     out = top_k_targeted(attack, 2)(model, x, y)
     assert calls == [[1, 1], [2, 2]] and (model(out).argmax(1) == 2).all()
     assert top_k_targeted(attack, 1)(model, x, y).eq(0).all(), "with k = 1 only class 1 is tried"
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(alpha=-0.01), "alpha must be a finite number > 0, got -0.01"),
+    (dict(alpha=float("nan")), "alpha must be a finite number > 0"),
+    (dict(eps="0.1"), "eps must be a finite number >= 0, got '0.1'"),
+    (dict(eps=-0.1), "eps must be a finite number >= 0, got -0.1"),
+    (dict(steps=2.5), "steps must be an integer >= 1, got 2.5"),
+    (dict(steps=True), "steps must be an integer >= 1, got True"),
+    (dict(restarts=0), "restarts must be an integer >= 1, got 0"),
+    (dict(norm="l1"), "norm must be one of"),
+])
+def test_pgd_names_every_bad_argument(tiny_model, kwargs, message):
+    x, y = _xy()
+    args = {**dict(eps=0.1, steps=2), **kwargs}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        pgd(tiny_model, x, y, **args)
+
+
+def test_bad_images_and_labels_are_refused_before_any_work(tiny_model):
+    x, y = _xy()
+    nan = x.clone()
+    nan[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="1 NaN or infinite values"):
+        pgd(tiny_model, nan, y, 0.1, steps=2)
+    inf = x.clone()
+    inf[1, 0, 1, 1] = float("inf")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        fgsm(tiny_model, inf, y, 0.1)
+    with pytest.raises(ValueError, match="at least one image"):
+        pgd(tiny_model, x[:0], y[:0], 0.1, steps=2)
+    with pytest.raises(ValueError, match="integer class labels"):
+        pgd(tiny_model, x, y.float(), 0.1, steps=2)
+    with pytest.raises(ValueError, match="y must be a tensor"):
+        pgd(tiny_model, x, y.tolist(), 0.1, steps=2)
+
+
+def test_a_zero_budget_is_the_identity_even_for_fgsm(tiny_model):
+    x, y = _xy()
+    assert torch.equal(fgsm(tiny_model, x, y, 0.0), x)
+    assert torch.equal(pgd(tiny_model, x, y, 0.0, steps=2), x)

@@ -157,3 +157,30 @@ def test_only_keeps_the_named_rows_and_outcomes_of_reads_a_sweep():
         r.only("c")
     out = outcomes_of({"m": {0.1: r}}, row="a")
     assert out("m", 0.1).tolist() == [T, F, T] and out("m", 0.1, "worst case").tolist() == [F, F, T]
+
+
+def test_evaluation_entry_points_name_their_bad_arguments(tiny_model):
+    x, y = torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    attacks = {"FGSM": partial(fgsm, eps=0.1)}
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 0"):
+        evaluate(tiny_model, x, y, attacks, batch_size=0)
+    with pytest.raises(ValueError, match="repeats must be an integer >= 1, got 1.5"):
+        evaluate(tiny_model, x, y, attacks, repeats=1.5)
+    with pytest.raises(ValueError, match="at least one image"):
+        evaluate(tiny_model, x[:0], y[:0], attacks)
+    nan = x.clone()
+    nan[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        evaluate(tiny_model, nan, y, attacks)
+    with pytest.raises(ValueError, match="steps must be an integer >= 1, got 0"):
+        sanity_checks(tiny_model, x, y, eps=0.1, steps=0)
+    with pytest.raises(ValueError, match="n_queries must be an integer >= 1"):
+        sanity_checks(tiny_model, x, y, eps=0.1, n_queries=-5)
+    with pytest.raises(ValueError, match="at least one image"):
+        sanity_checks(tiny_model, x[:0], y[:0], eps=0.1)
+    with pytest.raises(ValueError, match="version must be one of"):
+        autoattack(tiny_model, x, y, 0.1, version="strong")
+    with pytest.raises(ValueError, match="version='custom' needs attacks"):
+        autoattack(tiny_model, x, y, 0.1, version="custom")
+    with pytest.raises(ValueError, match="at least one image"):
+        autoattack(tiny_model, x[:0], y[:0], 0.1)

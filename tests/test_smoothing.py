@@ -1,6 +1,7 @@
 """Randomized smoothing: CERTIFY against a linear classifier whose smoothed answer is known in closed form."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -242,3 +243,27 @@ def test_beyond_the_radius_limit_no_percentile_bound_exists():
     for r, bounded in ((0.95 * limit, True), (1.05 * limit, False)):
         low, _ = percentile_bounds(samples, norm.cdf(-r / sigma_h), 0.5, alpha / 2 / radii, -1.0, 2.0)
         assert (low != -1.0) == bounded, r
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(n0=0), "n0 must be an integer >= 1, got 0"),
+    (dict(n=2.5), "n must be an integer >= 1, got 2.5"),
+    (dict(batch_size=-1), "batch_size must be an integer >= 1, got -1"),
+    (dict(alpha=0.7), "alpha must be in (0, 0.5), got 0.7"),
+    (dict(alpha="0.001"), "alpha must be a finite number > 0"),
+    (dict(num_classes=1), "num_classes must be an integer >= 2, got 1"),
+    (dict(sigma="0.25"), "sigma must be a number or one number per image, got '0.25'"),
+    (dict(sigma=-0.1), "sigma must be finite and >= 0"),
+])
+def test_certify_names_every_bad_argument(kwargs, message):
+    model, x = _setup(0.5)
+    args = {**dict(sigma=0.25, n0=10, n=20, num_classes=2), **kwargs}
+    sigma = args.pop("sigma")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        certify(model, x, sigma, **args)
+
+
+def test_certify_refuses_an_empty_batch():
+    model, x = _setup(0.5)
+    with pytest.raises(ValueError, match="at least one image"):
+        certify(model, x[:0], 0.25, n0=10, n=20, num_classes=2)

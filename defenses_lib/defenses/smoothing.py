@@ -18,6 +18,7 @@ and the certificate here are the book's reconstruction, each choice a named opti
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from scipy.stats import binom, binomtest, norm
 
 from ..attacks import check_inputs, eval_mode, log_mean_softmax
+from ..checks import check_int, check_number
 from ..config import Configured
 from ..evaluation import FixedRandomness
 from ..models import build_model
@@ -40,6 +42,8 @@ ABSTAIN = -1
 
 def _sigmas(sigma, n: int) -> torch.Tensor:
     """sigma as a tensor of n per-image noise levels, each checked to be >= 0."""
+    if isinstance(sigma, bool) or not isinstance(sigma, (numbers.Real, torch.Tensor, list, tuple)):
+        raise ValueError(f"sigma must be a number or one number per image, got {sigma!r}")
     s = torch.as_tensor(sigma, dtype=torch.float32).flatten()
     s = s.expand(n) if s.numel() == 1 else s
     if s.numel() != n:
@@ -135,13 +139,16 @@ def lower_confidence_bound(successes: int, trials: int, alpha: float) -> float:
     return binomtest(int(successes), int(trials)).proportion_ci(confidence_level=1 - 2 * alpha, method="exact").low
 
 
-def _check(x, n, alpha):
+def _check(x, n, alpha, n0: int = 1, batch_size: int = 1, num_classes: int = 2):
     """Clear errors for CERTIFY's arguments."""
     check_inputs(x)
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    if not 0 < alpha < 0.5:
-        raise ValueError(f"alpha must be in (0, 0.5), got {alpha}")
+    check_int("n", n)
+    check_int("n0", n0)
+    check_int("batch_size", batch_size)
+    check_int("num_classes", num_classes, minimum=2)
+    check_number("alpha", alpha, strict=True)
+    if not alpha < 0.5:
+        raise ValueError(f"alpha must be in (0, 0.5), got {alpha!r}")
 
 
 @dataclass
@@ -176,7 +183,7 @@ def certify(base: nn.Module, x: torch.Tensor, sigma, n0: int = 100, n: int = 100
     class's probability is below 1/2; otherwise the radius is sigma * Phi^-1(p_lower),
     with probability >= 1 - alpha per image.
     """
-    _check(x, n, alpha)
+    _check(x, n, alpha, n0, batch_size, num_classes)
     sig = _sigmas(sigma, len(x))
     pred, radius = torch.full((len(x),), ABSTAIN), torch.zeros(len(x))
     p_low, timings = torch.zeros(len(x)), Timings()
@@ -349,7 +356,8 @@ def certify_variational(model: VariationalSmoothing, x: torch.Tensor, radii, n0:
                          "certificate here)")
     if model.sigma_h <= 0:
         raise ValueError(f"median smoothing needs sigma_h > 0, got {model.sigma_h}")
-    _check(x, n, alpha)
+    _check(x, n, alpha, n0, batch_size, num_classes)
+    check_int("selector_draws", selector_draws)
     radii = sorted({0.0, *(float(r) for r in radii)})
     a_sel, a_lvl = alpha / 2 / len(radii), alpha / 2 / len(model.levels)
     pred, radius, p_min, sig = (torch.full((len(x),), ABSTAIN), torch.zeros(len(x)), torch.zeros(len(x)),
