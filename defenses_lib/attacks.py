@@ -79,8 +79,7 @@ def check_inputs(x: torch.Tensor, y: torch.Tensor | None = None, eps: float | No
 
 def check_eps(eps, norm: str | None = None) -> None:
     """Raise a clear ValueError unless ``eps`` is a finite number >= 0 (and ``norm`` a known norm)."""
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps >= 0):
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    check_number("eps", eps)
     if norm is not None:
         check_choice("norm", norm, NORMS)
 
