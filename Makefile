@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: book test notebooks env clean
+.PHONY: book test notebooks env clean gpu-smoke
 
 env: $(STAMP)
 
@@ -22,6 +22,12 @@ book: $(STAMP)
 # The whole test suite: unit tests and every chapter, re-executed and compared (strict nbval).
 test: $(STAMP)
 	$(BIN)/pytest --nbval
+
+# On a machine with a GPU: every paper recipe a few steps, failing if anything ran on the CPU, then
+# the device-contract and paper-profile tests on the GPU (see DEVELOPERS.md). About ten minutes.
+gpu-smoke: $(STAMP)
+	$(BIN)/pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_devices.py tests/test_profiles.py \
+		tests/test_comparison.py -k "gpu or device or paper"
 
 # Re-run the chapters and store their outputs (after changing a chapter or the library).
 notebooks: $(STAMP)

@@ -17,8 +17,11 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .checks import check_choice, check_int, check_number
+from . import estimate
+from .runtime import draw, model_device
 
 NORMS = ("linf", "l2")
 LOSSES = ("ce", "margin", "dlr")
@@ -77,10 +80,13 @@ def check_inputs(x: torch.Tensor, y: torch.Tensor | None = None, eps: float | No
         check_choice("norm", norm, NORMS)
 
 
-def check_eps(eps, norm: str | None = None) -> None:
-    """Raise a clear ValueError unless ``eps`` is a finite number >= 0 (and ``norm`` a known norm)."""
+_UNSET = object()
+
+
+def check_eps(eps, norm=_UNSET) -> None:
+    """Raise a clear ValueError unless ``eps`` is a finite number >= 0 (and ``norm``, when given, a known norm)."""
     check_number("eps", eps)
-    if norm is not None:
+    if norm is not _UNSET:
         check_choice("norm", norm, NORMS)
 
 
@@ -117,11 +123,11 @@ def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> torc
 def _random_start(x: torch.Tensor, eps: float, norm: str, generator: torch.Generator | None) -> torch.Tensor:
     """A uniform random point of the eps ball (l_inf cube or l_2 ball), clipped to [0, 1]."""
     if norm == "linf":
-        delta = (torch.rand(x.shape, generator=generator, device=x.device) * 2 - 1) * eps
+        delta = (draw("rand", x.shape, x.device, generator) * 2 - 1) * eps
     else:
-        d = torch.randn(x.shape, generator=generator, device=x.device)
+        d = draw("randn", x.shape, x.device, generator)
         d = d / _l2(d)
-        r = torch.rand(x.shape[0], generator=generator, device=x.device) ** (1.0 / x[0].numel())
+        r = draw("rand", x.shape[:1], x.device, generator) ** (1.0 / x[0].numel())
         delta = d * (eps * r).view(-1, 1, 1, 1)
     return (x + delta).clamp(0, 1)
 
@@ -164,31 +170,35 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: f
     evaluation cannot tell that an example is fooled, and stopping on a lucky draw would hand the
     defense back every example that a fresh draw classifies correctly.
     With ``targeted=True``, ``y`` holds the target classes. ``alpha`` defaults to 2.5 * eps / steps.
+    The attack runs on the model's device; the adversarial examples come back on x's.
     """
-    check_inputs(x, y, eps, norm)
+    check_inputs(x, y)
+    check_eps(eps, norm)
     check_int("steps", steps)
     check_int("restarts", restarts)
     if alpha is not None:   # a negative step would descend the loss; zero moves only at eps = 0
         check_number("alpha", alpha, strict=eps > 0)
     early_stop = not is_declared_random(model) if early_stop is None else early_stop
     alpha = 2.5 * eps / steps if alpha is None else alpha
-    x, y = x.detach(), y.detach()
+    home, dev = x.device, model_device(model)
+    x, y = x.detach().to(dev), y.detach().to(dev)
     best = x.clone()
     best_loss = torch.full((len(x),), -torch.inf, device=x.device)
     todo = torch.ones(len(x), dtype=torch.bool, device=x.device)
-    with attack_mode(model):
+    run = estimate.cap(steps, estimate.ATTACK_STEPS)   # every step, except in estimate mode
+    with attack_mode(model), estimate.stage("attacks", steps, run):
         for _ in range(restarts):
             idx = todo.nonzero().flatten()
             if len(idx) == 0:
                 break
             start = _random_start(x[idx], eps, norm, generator) if random_start else x[idx].clone()
-            idx, x_adv = _descend(model, start, x, y, idx, best, todo, eps, alpha, steps, norm, loss, targeted,
+            idx, x_adv = _descend(model, start, x, y, idx, best, todo, eps, alpha, run, norm, loss, targeted,
                                   early_stop)
             if early_stop or restarts == 1:
                 best[idx] = x_adv
             elif len(idx):
                 _keep_higher_loss(model, x_adv, y[idx], idx, best, best_loss, loss, targeted)
-    return best.detach()
+    return best.detach().to(home)
 
 
 def _descend(model, x_adv, x, y, idx, best, todo, eps, alpha, steps, norm, loss,
@@ -225,19 +235,21 @@ def signed_ascent(objective, x: torch.Tensor, steps: int, step_size: float, clip
     """``steps`` signed-gradient ascent steps on a per-example ``objective(x')``, started at x, with no eps ball.
 
     With ``clip`` the iterate is clipped to [0, 1] after every step. ``model`` (whose ``objective``
-    is evaluated) is put in eval mode for the ascent and restored afterwards.
+    is evaluated) is put in eval mode for the ascent and restored afterwards, and x is moved to its
+    device (the result comes back on x's).
     """
     if steps < 0 or not (math.isfinite(step_size) and step_size >= 0):
         raise ValueError(f"steps must be >= 0 and step_size a finite number >= 0, got steps={steps}, "
                          f"step_size={step_size}")
-    x_adv = x.detach().clone()
+    home = x.device
+    x_adv = x.detach().clone().to(model_device(model) if model is not None else home)
     with attack_mode(model) if model is not None else torch.enable_grad():
         for _ in range(steps):
             x_adv.requires_grad_(True)
             grad, = torch.autograd.grad(objective(x_adv).sum(), x_adv)
             x_adv = x_adv.detach() + step_size * grad.sign()
             x_adv = x_adv.clamp(0, 1) if clip else x_adv
-    return x_adv.detach()
+    return x_adv.detach().to(home)
 
 
 def check_binary(x: torch.Tensor, name: str = "x") -> None:
@@ -257,17 +269,18 @@ def rfgsm_k(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int = 50,
     """
     check_inputs(x, y)
     check_binary(x)
+    home, dev = x.device, model_device(model)
+    x, y = x.detach().to(dev), y.to(dev)
     if objective is None:
         def objective(z):
             return F.cross_entropy(model(z), y, reduction="none")
-    x = x.detach()
     x_cont = signed_ascent(objective, x, steps, step_size, clip=True, model=model)
-    u = torch.rand(x.shape, generator=generator, device=x.device)
+    u = draw("rand", x.shape, dev, generator)
     x_adv = torch.maximum((x_cont > u).to(x.dtype), x)
     with torch.no_grad(), eval_mode(model):
         worse = objective(x_adv) < objective(x)
     x_adv[worse] = x[worse]
-    return x_adv
+    return x_adv.to(home)
 
 
 def best_of(attack, runs: int):
@@ -276,10 +289,11 @@ def best_of(attack, runs: int):
         raise ValueError(f"runs must be >= 1, got {runs}")
 
     def attack_runs(model, x, y):
+        dev = model_device(model)
         best = attack(model, x, y)
         for _ in range(runs - 1):
             with torch.no_grad(), eval_mode(model):
-                todo = model(best).argmax(1) == y
+                todo = model(best.to(dev)).argmax(1).to(y.device) == y
             if not todo.any():
                 break
             best[todo] = attack(model, x[todo], y[todo])
@@ -295,8 +309,9 @@ def top_k_targeted(attack, k: int):
         raise ValueError(f"k must be >= 1, got {k}")
 
     def attack_targets(model, x, y):
+        dev = model_device(model)
         with torch.no_grad(), eval_mode(model):
-            logits = model(x)
+            logits = model(x.to(dev)).to(x.device)
         order = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), -torch.inf).argsort(1, descending=True)
         best, todo = x.clone(), torch.ones(len(x), dtype=torch.bool, device=x.device)
         for t in range(min(k, logits.shape[1] - 1)):
@@ -305,7 +320,7 @@ def top_k_targeted(attack, k: int):
                 break
             best[idx] = attack(model, x[idx], order[idx, t], targeted=True)
             with torch.no_grad(), eval_mode(model):
-                todo[idx[model(best[idx]).argmax(1) != y[idx]]] = False
+                todo[idx[model(best[idx].to(dev)).argmax(1).to(x.device) != y[idx]]] = False
         return best
 
     return attack_targets
@@ -320,6 +335,22 @@ def against(target: nn.Module, attack):
     return attack_target
 
 
+def chunked(fn, x: torch.Tensor, batch_size: int | None = None, recompute: bool = False) -> torch.Tensor:
+    """``fn(x)`` computed on chunks of at most ``batch_size`` rows and concatenated (at once when None).
+
+    With ``recompute`` and autograd on, each chunk's activations are recomputed in the backward pass
+    instead of kept (activation checkpointing, its random draws replayed), so memory holds about one
+    chunk's: what bounds an EOT attack's memory. Only for a model in eval mode (BatchNorm would count
+    a recomputed chunk twice in training).
+    """
+    if batch_size is not None:
+        check_int("batch_size", batch_size)
+    if batch_size is None or len(x) <= batch_size:
+        return fn(x)
+    keep = recompute and torch.is_grad_enabled()
+    return torch.cat([checkpoint(fn, c, use_reentrant=False) if keep else fn(c) for c in x.split(batch_size)])
+
+
 def log_mean_softmax(logits: torch.Tensor) -> torch.Tensor:
     """log of the softmax averaged over the first dimension of (K, N, C) logits: K draws or members, N inputs."""
     return logits.softmax(-1).mean(0).clamp_min(1e-12).log()
@@ -330,15 +361,19 @@ class EOT(nn.Module):
 
     Any attack run on ``EOT(model, draws)`` follows the gradient of the expected prediction, and its
     accuracy is the accuracy of the expected prediction, not of one lucky draw (Athalye et al.).
+    ``batch_size`` bounds the images one forward pass of ``model`` sees (see :func:`chunked`).
     """
 
-    def __init__(self, model: nn.Module, draws: int = 20):
+    def __init__(self, model: nn.Module, draws: int = 20, batch_size: int | None = None):
         super().__init__()
-        if draws < 1:
-            raise ValueError(f"draws must be >= 1, got {draws}")
-        self.model, self.draws = model, draws
+        check_int("draws", draws)
+        if batch_size is not None:
+            check_int("batch_size", batch_size)
+        self.model, self.draws, self.batch_size = model, draws, batch_size
         self.randomized = True
 
     def forward(self, x):
         n = x.shape[0]
-        return log_mean_softmax(self.model(x.repeat(self.draws, *([1] * (x.dim() - 1)))).view(self.draws, n, -1))
+        copies = x.repeat(self.draws, *([1] * (x.dim() - 1)))
+        logits = chunked(self.model, copies, self.batch_size, recompute=not self.model.training)
+        return log_mean_softmax(logits.view(self.draws, n, -1))

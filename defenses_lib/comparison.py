@@ -25,7 +25,7 @@ from .profiles import Profile, get_profile
 from .runtime import count_flops, progress, timeit
 from .stats import Estimate, accuracy_interval
 
-COMMON = ("dataset", "arch", "n_train", "seed")        # what every recipe takes from the comparison's profile
+COMMON = ("dataset", "arch", "n_train", "seed", "augment", "forward_batch")   # what every recipe takes from it
 ATTACK_SETTINGS = ("attack_draws", "score_repeats")     # how randomized defenses are attacked and scored
 CHECKED = {"ensembles": "DLC", "purification": "AToP", "armor": "ARMOR_D KL", "drsl": "DRSL"}  # by its chapter
 

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from . import estimate
 from .checks import check_choice
 
 DATA_ENV = "DEFENSES_DATA"
@@ -260,6 +261,26 @@ def _imagenette(base: Path, split: str, download: bool, size: int) -> FolderData
     return _folder(base / "imagenette2" / sub, size)
 
 
+AUGMENTS = ("none", "crop-flip")
+
+
+def augment(x: torch.Tensor, kind: str = "none", pad: int = 4) -> torch.Tensor:
+    """A training batch augmented on its own device: 'crop-flip' pads by ``pad`` zero pixels, crops
+    back to the image's size at a random offset and flips half the images left to right; 'none' is x."""
+    check_choice("augment", kind, AUGMENTS)
+    if kind == "none":
+        return x
+    n, c, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    top, left = (torch.randint(0, 2 * pad + 1, (n, 1), device=x.device) for _ in range(2))
+    rows = (top + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (left + torch.arange(w, device=x.device))[:, None, None, :]
+    images, channels = torch.arange(n, device=x.device), torch.arange(c, device=x.device)
+    out = padded[images[:, None, None, None], channels[:, None, None], rows, cols]
+    flip = torch.rand(n, device=x.device) < 0.5
+    return torch.where(flip[:, None, None, None], out.flip(-1), out)
+
+
 def balanced_subset(dataset, n: int, seed: int = 0):
     """A deterministic class-balanced subset of ``n`` examples (n divisible by the class count).
 
@@ -286,7 +307,16 @@ def balanced_subset(dataset, n: int, seed: int = 0):
 
 def chapter_data(P) -> tuple:
     """A chapter's data from its profile: ``P.n_train`` training images and ``P.n_test`` test images
-    (class-balanced subsets seeded by ``P.seed`` and ``P.seed + 1``), the test images as tensors."""
-    train_set = balanced_subset(load_dataset(P.dataset, "train"), P.n_train, seed=P.seed)
+    (class-balanced subsets seeded by ``P.seed`` and ``P.seed + 1``), the test images as tensors.
+
+    In estimate mode (see :mod:`defenses_lib.estimate`) a training set larger than the data at hand
+    is the largest balanced subset there is, and every training counts as if it had ``P.n_train``.
+    """
+    full = load_dataset(P.dataset, "train")
+    n_train = P.n_train
+    if estimate.active() and n_train > len(full):
+        n_train = int(torch.bincount(full.targets).min()) * len(full.classes)
+        estimate.set_data_scale(P.n_train, n_train)
+    train_set = balanced_subset(full, n_train, seed=P.seed)
     x_test, y_test = balanced_subset(load_dataset(P.dataset, "test"), P.n_test, seed=P.seed + 1).tensors()
     return train_set, x_test, y_test

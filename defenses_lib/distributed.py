@@ -7,12 +7,17 @@ slice of it (:func:`shard`), and its loss is scaled by its share of the batch so
 of the gradients is the gradient of the global batch's mean loss: the same update as one process
 with the whole batch, whatever the batch size. Without ``torchrun`` nothing here does anything.
 
+Evaluation is split the same way: :func:`split_work` gives each process its slice of the test
+examples (predictions, attacks, certificates) and hands every process the whole result, so a
+notebook run under ``torchrun`` evaluates each example once, not once per process.
+
 What does not split this way: losses that couple the samples of a batch (ARMOR_D's log-mean-exp
 dual, DRSL's ``batch_sum`` form) and BatchNorm see each process's slice, not the global batch.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 
 import torch
@@ -30,7 +35,14 @@ def setup() -> bool:
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend)
+    atexit.register(_leave)
     return True
+
+
+def _leave() -> None:
+    """Leave the process group at exit (a gloo group left open can abort the process as it ends)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def rank() -> int:
@@ -87,3 +99,37 @@ def average_gradients(params) -> None:
         if p.grad is not None:
             dist.all_reduce(p.grad)
             p.grad /= w
+
+
+def _concat(parts: list):
+    """The processes' results in rank order: tensors concatenated, tuples element by element (None: no examples)."""
+    parts = [p for p in parts if p is not None]
+    if isinstance(parts[0], tuple):
+        return tuple(torch.cat(column) for column in zip(*parts))
+    return torch.cat(parts)
+
+
+def _to_cpu(result):
+    """A result (a tensor or a tuple of them) on the CPU, to travel between processes."""
+    if isinstance(result, tuple):
+        return tuple(t.cpu() for t in result)
+    return None if result is None else result.cpu()
+
+
+def split_work(fn, *tensors: torch.Tensor):
+    """``fn(*tensors)``, its examples (the first dimension) split over the torchrun processes.
+
+    Each process runs ``fn`` on its contiguous slice, and every process gets the whole result (a
+    tensor, or a tuple of tensors, concatenated in order on the CPU). Without torchrun it is just
+    ``fn(*tensors)``. Random draws then differ from a one-process run: each process draws its own.
+    """
+    if not setup():
+        return fn(*tensors)
+    w = world_size()
+    mine = [torch.tensor_split(t, w)[rank()] for t in tensors]
+    part = _to_cpu(fn(*mine)) if len(mine[0]) else None
+    parts = [None] * w
+    dist.all_gather_object(parts, part)
+    if all(p is None for p in parts):
+        raise ValueError("split_work got no examples: every input had length 0")
+    return _concat(parts)

@@ -7,6 +7,7 @@ is one.
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import math
 import time
@@ -16,7 +17,9 @@ from functools import partial
 import torch
 from torch import nn
 
-from .attacks import check_inputs, eval_mode, fgsm, pgd
+from . import distributed, estimate
+from .cache import cached
+from .attacks import check_eps, check_inputs, eval_mode, fgsm, pgd
 from .checks import check_choice, check_int, check_number
 from .runtime import model_device, progress, record
 from .stats import Estimate, accuracy_interval
@@ -30,12 +33,20 @@ def _batches(n: int, batch_size: int):
     return [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
 
 
-@torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
-    """The model's predicted classes for x, in eval mode, in batches."""
-    dev = model_device(model)
-    with eval_mode(model):
-        return torch.cat([model(x[s].to(dev)).argmax(1).cpu() for s in _batches(len(x), batch_size)])
+    """The model's predicted classes for x (on the CPU), in eval mode, in batches on the model's device
+    (under torchrun, each process predicts its share)."""
+    check_int("batch_size", batch_size)
+    return distributed.split_work(partial(_predict, model, batch_size=batch_size), x)
+
+
+@torch.no_grad()
+def _predict(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """``predict`` in this process (in estimate mode its first few images, the rest predicted as -1)."""
+    dev, m = model_device(model), estimate.cap(len(x), estimate.IMAGES)
+    with eval_mode(model), estimate.stage("predictions", len(x), m):
+        pred = torch.cat([model(x[s].to(dev)).argmax(1).cpu() for s in _batches(m, batch_size)])
+    return torch.cat([pred, torch.full((len(x) - m,), -1, dtype=pred.dtype)])
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> float:
@@ -57,13 +68,20 @@ def error_rates(pred: torch.Tensor, y: torch.Tensor, num_classes: int) -> dict[s
 
 def run_attack(attack, model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 250,
                desc: str | None = None) -> torch.Tensor:
-    """Run an attack over (x, y) in batches on the model's device, with a progress bar; returns x_adv."""
+    """Run an attack over (x, y) in batches on the model's device, with a progress bar; returns x_adv
+    on the CPU (under torchrun, each process attacks its share of the examples)."""
     check_inputs(x, y)
     check_int("batch_size", batch_size)
-    dev = model_device(model)
-    parts = [attack(model, x[s].to(dev), y[s].to(dev)).cpu()
-             for s in progress(_batches(len(x), batch_size), desc, enabled=desc is not None)]
-    return torch.cat(parts)
+
+    def attack_here(xs, ys):
+        """The attack on this process's examples (the first few in estimate mode; the others unchanged)."""
+        dev, m = model_device(model), estimate.cap(len(xs), estimate.IMAGES)
+        with estimate.stage("attacks", len(xs), m):
+            adv = [attack(model, xs[s].to(dev), ys[s].to(dev)).cpu()
+                   for s in progress(_batches(m, batch_size), desc, enabled=desc is not None)]
+        return torch.cat([*adv, xs[m:].cpu()])
+
+    return distributed.split_work(attack_here, x, y)
 
 
 def correctness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: int = 1) -> torch.Tensor:
@@ -72,8 +90,8 @@ def correctness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: int
     For a randomized defense the fraction estimates the probability, over the defense's own
     randomness, that it classifies the example correctly: accuracy as an expectation over draws.
     """
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    check_int("repeats", repeats)
+    y = y.cpu()
     if repeats == 1:
         return predict(model, x) == y
     return torch.stack([predict(model, x) == y for _ in range(repeats)]).float().mean(0)
@@ -157,16 +175,22 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: dict, 
     check_inputs(x, y)
     check_int("batch_size", batch_size)
     check_int("repeats", repeats)
-    correct = {"clean": correctness(model, x, y, repeats)}
-    seconds = {}
+    target = attack_model or model
+    (correct, _), hit = cached("clean", (model, x, y, repeats), lambda: (correctness(model, x, y, repeats), 0.0))
+    correct, seconds, hits = {"clean": correct}, {}, ["clean"] if hit else []
     for name, attack in attacks.items():
-        t0 = time.perf_counter()
-        x_adv = run_attack(attack, attack_model or model, x, y, batch_size, desc=name)
-        correct[name] = correctness(model, x_adv, y, repeats)
-        seconds[name] = time.perf_counter() - t0
+        def attacked(attack=attack, name=name):
+            """The attack's row and its seconds."""
+            t0 = time.perf_counter()
+            x_adv = run_attack(attack, target, x, y, batch_size, desc=name)
+            return correctness(model, x_adv, y, repeats), time.perf_counter() - t0
+
+        (correct[name], seconds[name]), hit = cached("attack", (model, target, attack, x, y, repeats, batch_size),
+                                                     attacked)
+        hits += [name] if hit else []
     result = RobustResult(correct, seconds, setting)
     record("evaluation", setting=setting, n=len(y), repeats=repeats, attacks={k: repr(a) for k, a in attacks.items()},
-           accuracy=result.accuracy(), seconds=seconds)
+           accuracy=result.accuracy(), seconds=seconds, cached=hits, device=str(model_device(model)))
     return result
 
 
@@ -217,7 +241,8 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, n
     """
     from pyautoattack import AutoAttack
 
-    check_inputs(x, y, eps, norm)
+    check_inputs(x, y)
+    check_eps(eps, norm)
     check_int("batch_size", batch_size)
     check_choice("version", version, ("standard", "rand", "custom"))
     if version == "custom" and not attacks:
@@ -233,7 +258,12 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, n
             aa.apgd_targeted.n_target_classes = aa.fab.n_target_classes = n_target_classes
         if square_queries is not None:
             aa.square.n_queries = square_queries
-        x_adv, _ = aa.run_standard_evaluation(x.to(dev), y.to(dev), batch_size=batch_size)
+        share = estimate.QUERY_SHARE if estimate.active() else 1
+        for a in (aa.apgd, aa.apgd_targeted, aa.fab):
+            a.n_iter = max(a.n_iter // share, 1)
+        aa.square.n_queries = max(aa.square.n_queries // share, 1)
+        with estimate.stage("attacks", share, 1):
+            x_adv, _ = aa.run_standard_evaluation(x.to(dev), y.to(dev), batch_size=batch_size)
     return x_adv.detach().cpu()
 
 
@@ -242,13 +272,21 @@ def square_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
     """The black-box Square attack (Andriushchenko et al.), from AutoAttack's package."""
     from pyautoattack.square import SquareAttack
 
-    check_inputs(x, y, eps, norm)
+    check_inputs(x, y)
+    check_eps(eps, norm)
     check_int("n_queries", n_queries)
-    with eval_mode(model), torch.no_grad():
-        sq = SquareAttack(model, norm={"linf": "Linf", "l2": "L2"}[norm], n_queries=n_queries, eps=eps,
-                          p_init=0.8, n_restarts=1, seed=seed, verbose=False, resc_schedule=False,
-                          device=model_device(model))
-        return sq.perturb(x.to(model_device(model)), y.to(model_device(model))).cpu()
+
+    @torch.no_grad()
+    def square_here(xs, ys):
+        """Square on this process's examples."""
+        dev = model_device(model)
+        queries = max(n_queries // estimate.QUERY_SHARE, 1) if estimate.active() else n_queries
+        with eval_mode(model), estimate.stage("attacks", n_queries, queries):
+            sq = SquareAttack(model, norm={"linf": "Linf", "l2": "L2"}[norm], n_queries=queries, eps=eps,
+                              p_init=0.8, n_restarts=1, seed=seed, verbose=False, resc_schedule=False, device=dev)
+            return sq.perturb(xs.to(dev), ys.to(dev)).cpu()
+
+    return distributed.split_work(square_here, x, y)
 
 
 def _cell(v, digits: int) -> str:
@@ -436,21 +474,33 @@ def sanity_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
     the difference between the two runs. Every attack runs against ``attack_model`` (default: the
     model); every accuracy is the model's, scored over ``repeats`` predictions.
     """
-    check_inputs(x, y, eps, norm)
+    check_inputs(x, y)
+    check_eps(eps, norm)
     for name, value in (("steps", steps), ("n_queries", n_queries), ("batch_size", batch_size),
                         ("repeats", repeats), ("num_classes", num_classes)):
         check_int(name, value, minimum=2 if name == "num_classes" else 1)
     check_number("tol", tol)
     large_eps = large_eps if large_eps is not None else (0.5 if norm == "linf" else 4 * eps)
+    parts = (model, x, y, eps, norm, steps, large_eps, n_queries, fixed_model, tol, num_classes, batch_size,
+             attack_model, repeats)
+    rows, hit = cached("sanity", parts, lambda: [dataclasses.astuple(c) for c in _sanity_checks(
+        model, x, y, eps, norm, steps, large_eps, n_queries, fixed_model, tol, num_classes, batch_size,
+        attack_model, repeats)])
+    checks = [Check(*row) for row in rows]
+    report = SanityReport(checks, f"{norm} eps = {eps:g}, n = {len(y)}")
+    record("sanity checks", setting=report.setting, passed=report.passed, cached=hit, device=str(model_device(model)),
+           checks=[{"name": c.name, "status": report.status(c), "detail": c.detail} for c in checks])
+    return report
+
+
+def _sanity_checks(model, x, y, eps, norm, steps, large_eps, n_queries, fixed_model, tol, num_classes,
+                   batch_size, attack_model, repeats) -> list[Check]:
+    """The five checks of :func:`sanity_checks`, computed."""
     target = attack_model if attack_model is not None else model
     p = _Probe(model, target, x, y, eps, norm, steps, repeats, batch_size, is_randomized(model, x[:8]))
     runs = [p.accuracy(p.pgd()) for _ in range(2 if p.randomized else 1)]
     a_pgd, slack = sum(runs) / len(runs), tol + max(runs) - min(runs)
     checks = [_iterative_beats_one_step(p, a_pgd, runs), _falls_with_eps(p, a_pgd, large_eps, 1 / num_classes, tol)]
     converged, a_more = _converged(p, a_pgd, slack)
-    checks += [converged, _blackbox_not_stronger(p, min(a_pgd, a_more), slack, n_queries),
-               _fixed_randomness(p, fixed_model, a_pgd, slack)]
-    report = SanityReport(checks, f"{norm} eps = {eps:g}, n = {len(y)}")
-    record("sanity checks", setting=report.setting, passed=report.passed,
-           checks=[{"name": c.name, "status": report.status(c), "detail": c.detail} for c in checks])
-    return report
+    return checks + [converged, _blackbox_not_stronger(p, min(a_pgd, a_more), slack, n_queries),
+                     _fixed_randomness(p, fixed_model, a_pgd, slack)]

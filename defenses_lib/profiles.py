@@ -14,6 +14,7 @@ import dataclasses
 import os
 import types
 import typing
+import warnings
 from dataclasses import MISSING, dataclass, field, fields
 
 from .checks import check_choice
@@ -98,6 +99,9 @@ class Profile(Settings):
     momentum: float = setting("SGD momentum", 0.0)
     weight_decay: float = setting("weight decay", 0.0)
     milestones: tuple[int, ...] = setting("epochs where lr is multiplied by 0.1", ())
+    augment: str = setting("training augmentation: 'none' or 'crop-flip' (4-pixel crop, horizontal flip)", "none")
+    forward_batch: int | None = setting("most images one forward pass of a randomized defense sees (None: all)",
+                                        None)
     eval_steps: int = setting("PGD steps of the evaluation attacks", 40)
     aa_n: int = setting("test images AutoAttack runs on (the first ones)", 100)
     sanity_n: int = setting("test images of the gradient-masking sanity checks", 100)
@@ -106,7 +110,8 @@ class Profile(Settings):
     def schedule(self) -> dict:
         """The training loop's keyword arguments (see ``training.train``)."""
         return dict(batch_size=self.batch_size, optimizer=self.optimizer, lr=self.lr, momentum=self.momentum,
-                    weight_decay=self.weight_decay, milestones=self.milestones, seed=self.seed)
+                    weight_decay=self.weight_decay, milestones=self.milestones, seed=self.seed,
+                    augment=self.augment)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -348,7 +353,9 @@ QUICK: dict[str, Profile] = {
     "comparison": Comparison(n_test=50, aa_n=50, sanity_n=50),
 }
 
-_CIFAR = dict(name="paper", dataset="cifar10", n_train=50_000)
+# CIFAR-10 as the papers train on it: all 50,000 images, random crops and flips; EOT and smoothing's
+# draws go through the network 2,048 images at a time, so an attack's memory stays bounded.
+_CIFAR = dict(name="paper", dataset="cifar10", n_train=50_000, augment="crop-flip", forward_batch=2_048)
 PAPER: dict[str, Profile] = {
     "foundations": QUICK["foundations"].replace(
         name="paper", n_train=60_000, n_test=10_000, epochs_standard=10, epochs_at=30, train_eps=0.3,
@@ -365,11 +372,11 @@ PAPER: dict[str, Profile] = {
         aa_targets=None, sanity_n=500, square_queries=5_000, explorer_n=6,
         explorer_eps=(2 / 255, 4 / 255, 8 / 255)),
     "purification": QUICK["purification"].replace(
-        **_CIFAR, arch="resnet18", n_test=512, epochs_classifier=100, purifier_width=64,
+        **_CIFAR, arch="resnet18", n_test=510, epochs_classifier=100, purifier_width=64,
         epochs_pretrain=100, epochs_finetune=20, ft_eps=8 / 255, ft_ce_weight=0.05, eot_draws=20,
         attack_draws=20, eval_steps=200, eval_eps=(4 / 255, 8 / 255),
         curve_eps=(0.0, 2 / 255, 4 / 255, 8 / 255, 16 / 255), l2_eps=0.5, classifier_steps=100,
-        aa_n=512, aa_version="rand", aa_attacks=None, sanity_n=200, square_queries=5_000),
+        aa_n=510, aa_version="rand", aa_attacks=None, sanity_n=200, square_queries=5_000),
     "smoothing": QUICK["smoothing"].replace(
         **_CIFAR, arch="resnet18", n_test=500, lr=1e-3, epochs=90, sigmas=(0.12, 0.25, 0.5, 1.0),
         sigma_t_range=(0.12, 1.0), selector_width=32, sigma_max=1.2, levels=(0.12, 0.25, 0.5, 1.0),
@@ -386,7 +393,7 @@ PAPER: dict[str, Profile] = {
         binary=QUICK["armor"].binary.replace(n_train=60_000, n_test=10_000, epochs=10, train_steps=50,
                                              train_step=0.004, attack_draws=10)),
     "drsl": QUICK["drsl"].replace(
-        **_CIFAR, arch="resnet18", n_test=1_000, optimizer="sgd", lr=0.1, momentum=0.9,
+        **_CIFAR, arch="resnet18", n_test=1_000, optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4,
         milestones=(100, 150), epochs=200, train_eps=8 / 255, train_steps=10, train_step=2 / 255,
         corr_n=10_000, corr_eps=2 / 255, eval_eps=(2 / 255, 8 / 255), eval_steps=100,
         eval_step=0.5 / 255, targets=9, curve_eps=(0.0, 1 / 255, 2 / 255, 4 / 255, 8 / 255, 16 / 255),
@@ -414,4 +421,22 @@ def get_profile(chapter: str, name: str | None = None, **changes) -> Profile:
     name = name or os.environ.get(PROFILE_ENV, "quick")
     check_choice("chapter", chapter, sorted(PROFILES))
     check_choice("profile", name, sorted(PROFILES[chapter]))
+    if name == "paper":
+        _warn_on_a_cpu(chapter)
     return PROFILES[chapter][name].replace(**changes)
+
+
+def _warn_on_a_cpu(chapter: str) -> None:
+    """Warn that a paper profile is meant for a GPU, with the stored estimate of what it costs here."""
+    from . import estimate
+    from .runtime import pick_device, stored_results
+
+    if estimate.active() or pick_device().type != "cpu":
+        return
+    stored = stored_results("estimates", key="chapter").get(chapter)
+    cost = (f"estimated at {estimate.duration(stored['summary']['CPU seconds'])} on a 2-core CPU and "
+            f"{estimate.duration(stored['summary']['GPU seconds'])} on one GPU (results/estimates/{chapter}.json)"
+            if stored else "not estimated yet")
+    warnings.warn(f"the paper profile of {chapter} is meant for a GPU and this machine has none: a whole run is "
+                  f"{cost}; `python -m defenses_lib.run {chapter} --profile paper --estimate` measures it here",
+                  stacklevel=3)

@@ -2,6 +2,7 @@
 
     python -m defenses_lib.run armor --profile paper --out runs/armor-paper
     torchrun --nproc_per_node=4 -m defenses_lib.run armor --profile paper    # 4 GPUs, DDP
+    python -m defenses_lib.run armor --profile paper --estimate              # what a whole run costs
 
 Executes the chapter's notebook, cell by cell, in a fresh kernel with ``DEFENSES_PROFILE`` set to
 the profile, and writes to the output folder:
@@ -14,8 +15,15 @@ the profile, and writes to the output folder:
   times) and every sanity-check report, as the library recorded them while the notebook ran.
 
 Running the same command again resumes: models whose checkpoints are complete are loaded, an
-interrupted training continues from its last finished epoch, and the evaluations run again.
+interrupted training continues from its last finished epoch, and every evaluation that finished is
+read back from ``checkpoints/evaluations/`` (see :mod:`defenses_lib.cache`) instead of run again,
+so the resumed run does only the remaining work and ends with the same results. ``metrics.json`` is
+rewritten atomically after every cell, so a killed run leaves the metrics of the cells it finished.
 Progress (a bar per cell and the library's training and attack bars) goes to the terminal.
+
+With ``--estimate`` the chapter runs in estimate mode (every long loop cut to its first steps, see
+:mod:`defenses_lib.estimate`), every cell runs whatever fails before it, and the runner prints and
+writes (``estimate.json``) the whole run's estimated time on this machine and on one GPU.
 
 A claims cell that asserts what the quick profile found may fail at the paper's scale; the run goes
 on, records the failed assertion in ``metrics.json`` and exits with status 1 at the end. Any other
@@ -40,8 +48,9 @@ from pathlib import Path
 import nbformat
 import torch
 from nbclient import NotebookClient
-from nbclient.exceptions import CellExecutionError
+from nbclient.exceptions import CellExecutionError, DeadKernelError
 
+from . import estimate
 from .profiles import PROFILE_ENV, PROFILES
 from .runtime import METRICS_ENV, PROGRESS_ENV, atomic_write, progress
 from .training import RUNS_ENV
@@ -99,21 +108,40 @@ def read_records(path: Path) -> list[dict]:
 
 
 def run_cell(client: NotebookClient, cell, index: int) -> str | None:
-    """Execute one cell; its error as ``"Name: message"``, or None."""
+    """Execute one cell; its error as ``"Name: message"`` (a kernel that died is one), or None."""
     try:
         client.execute_cell(cell, index)
     except CellExecutionError:
         failed = next(o for o in cell.outputs if o.output_type == "error")
-        print(f"\ncell {index} failed: {failed.ename}: {failed.evalue}", file=sys.stderr)
-        return f"{failed.ename}: {failed.evalue}"
-    return None
+        error = f"{failed.ename}: {failed.evalue}"
+    except DeadKernelError as e:
+        error = f"DeadKernelError: {e}"
+    else:
+        return None
+    print(f"\ncell {index} failed: {error}", file=sys.stderr)
+    return error
 
 
-def run_notebook(notebook: Path, out: Path, profile: str, cwd: Path, writes: bool = True) -> dict:
-    """Execute ``notebook`` cell by cell with ``profile``, writing into ``out`` when ``writes``; returns the metrics."""
+def write_metrics(out: Path, metrics: dict, log: Path) -> dict:
+    """``metrics`` with what the library recorded so far, written atomically to ``out/metrics.json``."""
+    records = read_records(log)
+    for key, kind in (("trainings", "training"), ("evaluations", "evaluation"), ("sanity_checks", "sanity checks"),
+                      ("estimates", "estimate")):
+        metrics[key] = [r for r in records if r["kind"] == kind]
+    atomic_write(out / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2) + "\n"))
+    return metrics
+
+
+def run_notebook(notebook: Path, out: Path, profile: str, cwd: Path, writes: bool = True,
+                 estimating: bool = False) -> dict:
+    """Execute ``notebook`` cell by cell with ``profile``, writing into ``out`` when ``writes``
+    (in estimate mode with ``estimating``); returns the metrics."""
     nb = nbformat.read(notebook, as_version=4)
     log = out / "records.jsonl"
     env = dict(os.environ, **{PROFILE_ENV: profile, RUNS_ENV: str(out / "checkpoints"), PROGRESS_ENV: "terminal"})
+    env.pop(estimate.ENV, None)
+    if estimating:
+        env[estimate.ENV] = "1"
     env.pop(METRICS_ENV, None)
     if writes:
         out.mkdir(parents=True, exist_ok=True)
@@ -135,19 +163,35 @@ def run_notebook(notebook: Path, out: Path, profile: str, cwd: Path, writes: boo
                 metrics["errors"].append({"cell": i, "error": error})
             metrics["cells"].append({"cell": i, "seconds": round(time.perf_counter() - t0, 2), "error": error,
                                      "figures": save_figures(cell, i, out / "figures") if writes else []})
+            metrics["seconds"] = round(time.perf_counter() - t_run, 1)
             if writes:
                 clean(nb)
                 atomic_write(out / notebook.name, partial(nbformat.write, nb))
-            if error and not error.startswith("AssertionError"):
+                write_metrics(out, metrics, log)   # a run killed later still leaves its metrics so far
+            if error and not error.startswith("AssertionError") and not estimating:
                 break  # a broken cell, not a claim that failed: later cells would only fail after it
     metrics["seconds"] = round(time.perf_counter() - t_run, 1)
-    records = read_records(log) if writes else []
-    for key, kind in (("trainings", "training"), ("evaluations", "evaluation"), ("sanity_checks", "sanity checks")):
-        metrics[key] = [r for r in records if r["kind"] == kind]
-    if writes:
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        log.unlink(missing_ok=True)
+    if not writes:
+        return dict(metrics, trainings=[], evaluations=[], sanity_checks=[])
+    metrics = write_metrics(out, metrics, log)
+    log.unlink(missing_ok=True)
     return metrics
+
+
+def write_estimate(args, notebook: Path, out: Path, metrics: dict) -> int:
+    """Print the estimate of an estimate run and write it to ``out/estimate.json``; 0 unless no stage ran."""
+    chapter = args.chapter or notebook.stem
+    summary = estimate.summary(metrics["estimates"], sum(c["seconds"] for c in metrics["cells"]), args.gpu_tflops)
+    failed = [e["cell"] for e in metrics["errors"]]
+    result = {"chapter": chapter, "profile": args.profile, "commit": metrics["commit"], "torch": metrics["torch"],
+              "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "gpus": metrics["gpus"],
+              "command": f"python -m defenses_lib.run {chapter} --profile {args.profile} --estimate",
+              "estimate run seconds": metrics["seconds"], "cells failed": failed, "summary": summary}
+    (out / "estimate.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(estimate.report(chapter, summary))
+    if failed:
+        print(f"  (cells {failed} failed in the estimate run: the estimate leaves out what they would have run)")
+    return 0 if metrics["estimates"] else 1
 
 
 def main(argv=None) -> int:
@@ -157,6 +201,10 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", default="paper", help="quick or paper (default: paper)")
     parser.add_argument("--out", type=Path, help="output folder (default: runs/<notebook name>-<profile>)")
     parser.add_argument("--notebook", type=Path, help="run this notebook instead of a chapter's")
+    parser.add_argument("--estimate", action="store_true",
+                        help="estimate what the whole run costs from a few steps of each stage")
+    parser.add_argument("--gpu-tflops", type=float, default=25.0,
+                        help="sustained TFLOP/s of the GPU the estimate is for (default 25)")
     args = parser.parse_args(argv)
     if (args.chapter is None) == (args.notebook is None):
         parser.error("give a chapter or --notebook, not both and not neither")
@@ -169,10 +217,15 @@ def main(argv=None) -> int:
         parser.error(str(e))
     if not notebook.is_file():
         parser.error(f"--notebook {notebook} is not a file")
-    out = (args.out or Path("runs") / f"{notebook.stem}-{args.profile}").resolve()
+    if not args.gpu_tflops > 0:
+        parser.error(f"--gpu-tflops must be > 0, got {args.gpu_tflops}")
+    suffix = "-estimate" if args.estimate else ""
+    out = (args.out or Path("runs") / f"{notebook.stem}-{args.profile}{suffix}").resolve()
     is_main = int(os.environ.get("RANK", "0")) == 0  # under torchrun, only the first process writes
     metrics = run_notebook(notebook.resolve(), out, args.profile, cwd=BOOK.parent if args.notebook is None
-                           else notebook.resolve().parent, writes=is_main)
+                           else notebook.resolve().parent, writes=is_main, estimating=args.estimate)
+    if args.estimate and is_main:
+        return write_estimate(args, notebook, out, metrics)
     if is_main:
         print(f"{notebook.name} ({args.profile}): {len(metrics['cells'])} cells in {metrics['seconds']:.0f} s, "
               f"{len(metrics['trainings'])} models trained or loaded, {len(metrics['evaluations'])} evaluations; "

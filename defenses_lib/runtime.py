@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import sys
@@ -44,6 +45,20 @@ def seed_everything(seed: int) -> None:
 def model_device(model: nn.Module) -> torch.device:
     """The device of a model's first parameter (the CPU for a model without any)."""
     return next(model.parameters(), torch.empty(0)).device
+
+
+def draw(kind: str, shape, device, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Uniform ('rand') or Gaussian ('randn') noise of ``shape`` on ``device``, drawn there (with a
+    ``generator``: on the generator's own device, then moved), so that no draw crosses devices by default."""
+    fn = {"rand": torch.rand, "randn": torch.randn}[kind]
+    where = generator.device if generator is not None else device
+    return fn(tuple(shape), generator=generator, device=where).to(device)
+
+
+def generator_for(device, seed: int) -> torch.Generator:
+    """A generator on ``device`` (a device or a model, whose parameters' device is used), seeded."""
+    device = model_device(device) if isinstance(device, nn.Module) else torch.device(device)
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 def progress(iterable, desc: str | None = None, enabled: bool = True, **kwargs):
@@ -127,32 +142,57 @@ def timing_rounds(fns: dict, rounds: int = 5, repeat: int = 1, warmup: int = 1) 
     if rounds < 1 or repeat < 1 or warmup < 0:
         raise ValueError(f"rounds and repeat must be >= 1 and warmup >= 0, got rounds={rounds}, repeat={repeat}, "
                          f"warmup={warmup}")
+    from . import estimate   # (runtime is imported by estimate)
+
     out = {name: [] for name in fns}
-    for i in range(rounds):
-        for name, fn in fns.items():
-            out[name].append(timeit(fn, repeat=repeat, warmup=warmup if i == 0 else 0))
+    run = estimate.cap(rounds, 2)   # every round, except in estimate mode
+    with estimate.stage("timing", rounds, run):
+        for i in range(run):
+            for name, fn in fns.items():
+                out[name].append(timeit(fn, repeat=repeat, warmup=warmup if i == 0 else 0))
     return out
 
 
 def atomic_write(path: str | os.PathLike, write) -> None:
-    """``write(tmp)`` to a temporary file in ``path``'s folder, then rename it to ``path``: never half a file."""
+    """``write(tmp)`` to a temporary file in ``path``'s folder, flushed to disk, then renamed to ``path``:
+    never half a file. Temporary files that an earlier, killed write of ``path`` left are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    prefix = f".{path.name}."
+    for stale in path.parent.glob(f"{glob.escape(prefix)}*.tmp"):
+        stale.unlink(missing_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_folder(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def stored_results(name: str) -> dict[str, dict]:
+def _fsync_folder(folder: Path) -> None:
+    """Flush a folder's entries (a rename) to disk, where the system allows it."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def stored_results(name: str, key: str = "model") -> dict[str, dict]:
     """The JSON result files of a headless run stored under the repository's ``results/<name>/``
-    (found from the working folder, its parent, or beside the package), by their ``model`` field."""
+    (found from the working folder, its parent, or beside the package), by their ``key`` field."""
     here = Path(__file__).resolve().parent.parent
     folders = [Path("results"), Path("..") / "results", here / "results"]
     folder = next((f / name for f in folders if (f / name).is_dir()), folders[0] / name)
     runs = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
-    return {r["model"]: r for r in runs}
+    return {r[key]: r for r in runs}

@@ -13,9 +13,12 @@ the model, its loss and the record of the run. The baseline losses are in
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import math
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -24,10 +27,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from . import distributed
+from . import distributed, estimate
+from .checks import check_choice, check_int
 from .config import config
+from .data import AUGMENTS, augment
 from .models import build_model
-from .runtime import atomic_write, count_flops, pick_device, progress, record, seed_everything, timeit
+from .runtime import atomic_write, count_flops, model_device, pick_device, progress, record, seed_everything, timeit
 
 RUNS_ENV = "DEFENSES_RUNS"
 
@@ -44,14 +49,45 @@ def run_dir(*parts: str) -> Path:
     return path
 
 
+CHECKPOINT_MAGIC = b"defenses_lib checkpoint sha256="   # then the payload's hex digest and a newline
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be trusted: empty, truncated, corrupted or not this library's."""
+
+
 def atomic_save(obj, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file in the same folder, then rename: never a half-written file."""
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    """Save ``obj`` (torch.save) with a SHA-256 digest of its bytes, atomically (see ``runtime.atomic_write``)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    payload = buffer.getvalue()
+    header = CHECKPOINT_MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(header + payload))
 
 
 def load_checkpoint(path: str | os.PathLike, device=None) -> dict:
-    """Load a checkpoint safely (``weights_only=True``)."""
-    return torch.load(path, map_location=device or "cpu", weights_only=True)
+    """Load a checkpoint safely (``weights_only=True``) after checking its digest; a damaged file is a
+    :class:`CheckpointError` that names it and says how to recover."""
+    path = Path(path)
+    data = path.read_bytes()
+    fix = f"delete it to train that model again (rm '{path}')"
+    if data.startswith(CHECKPOINT_MAGIC):
+        head, _, payload = data.partition(b"\n")
+        if hashlib.sha256(payload).hexdigest().encode() != head[len(CHECKPOINT_MAGIC):]:
+            raise CheckpointError(f"checkpoint {path} is damaged: its contents do not match the digest written "
+                                  f"with them (a truncated or corrupted file); {fix}")
+        source = io.BytesIO(payload)
+    elif data.startswith(b"PK"):   # a torch zip file from before checkpoints carried a digest
+        warnings.warn(f"checkpoint {path} carries no digest (an older format): loaded unchecked; {fix} with one",
+                      stacklevel=2)
+        source = io.BytesIO(data)
+    else:
+        what = "an empty file" if not data else f"{len(data)} bytes that are not a checkpoint of this library"
+        raise CheckpointError(f"checkpoint {path} is {what}; {fix}")
+    try:
+        return torch.load(source, map_location=device or "cpu", weights_only=True)
+    except Exception as e:   # a digest that matches but a payload torch cannot read (another library's file)
+        raise CheckpointError(f"checkpoint {path} could not be read ({type(e).__name__}: {e}); {fix}") from e
 
 
 def _optimizer(params, name: str, lr: float, weight_decay: float, momentum: float):
@@ -110,19 +146,22 @@ def _save(path, model, loss_fn, opts, sched, epoch: int, history: list) -> None:
 
 def train(model: nn.Module, dataset, loss_fn, *, epochs: int, batch_size: int = 128, optimizer: str = "adam",
           lr: float = 1e-3, weight_decay: float = 0.0, momentum: float = 0.9, milestones=(), gamma: float = 0.1,
-          loss_lr: float | None = None, seed: int = 0, checkpoint: str | os.PathLike | None = None, device=None,
-          desc: str = "train", show_progress: bool = True) -> list[dict]:
+          loss_lr: float | None = None, seed: int = 0, augment: str = "none",
+          checkpoint: str | os.PathLike | None = None, device=None, desc: str = "train",
+          show_progress: bool = True) -> list[dict]:
     """Train ``model`` on ``dataset`` with ``loss_fn`` and return the per-epoch history.
 
     With ``checkpoint``, the state is saved atomically after every epoch; a run started again with
     the same arguments resumes where it stopped and ends with the same weights as an uninterrupted
     run. A finished checkpoint is simply loaded. ``milestones`` are the epochs where lr is
-    multiplied by ``gamma``. A loss with a ``set_epoch(epoch)`` method (a schedule) is told each
-    epoch first. Under ``torchrun`` the model trains in DistributedDataParallel, each process on its
-    slice of every batch (see :mod:`defenses_lib.distributed`); only the first process writes.
+    multiplied by ``gamma``. ``augment`` transforms each batch on the device (see ``data.augment``).
+    A loss with a ``set_epoch(epoch)`` method (a schedule) is told each epoch first. Under
+    ``torchrun`` the model trains in DistributedDataParallel, each process on its slice of every
+    batch (see :mod:`defenses_lib.distributed`); only the first process writes.
     """
-    if epochs < 0 or batch_size < 1:
-        raise ValueError(f"epochs must be >= 0 and batch_size >= 1, got epochs={epochs}, batch_size={batch_size}")
+    check_int("epochs", epochs, minimum=0)
+    check_int("batch_size", batch_size)
+    check_choice("augment", augment, AUGMENTS)
     distributed.setup()
     device = device or distributed.local_device()
     device = pick_device(device) if not isinstance(device, torch.device) else device
@@ -135,26 +174,33 @@ def train(model: nn.Module, dataset, loss_fn, *, epochs: int, batch_size: int = 
     if checkpoint is not None and Path(checkpoint).is_file():
         start, history = _restore(load_checkpoint(checkpoint, device), model, loss_fn, opts, sched)
     net = distributed.wrap(model, device)
-    for epoch in range(start, epochs):
+    batches = math.ceil(len(dataset) / batch_size)
+    for epoch in range(start, min(epochs, start + 1) if estimate.active() else epochs):
         if hasattr(loss_fn, "set_epoch"):  # losses with a schedule (an h or eps ramp) follow the epoch
             loss_fn.set_epoch(epoch)
         show = show_progress and distributed.is_main()
-        history.append(_run_epoch(net, dataset, loss_fn, opts, batch_size, seed, epoch, device,
-                                  f"{desc} {epoch + 1}/{epochs}", show))
+        run = estimate.cap(batches, estimate.TRAIN_BATCHES)   # all of them, except in estimate mode
+        with estimate.stage("training", (epochs - start) * batches, run, data=True):
+            history.append(_run_epoch(net, dataset, loss_fn, opts, batch_size, seed, epoch, device,
+                                      f"{desc} {epoch + 1}/{epochs}", show, augment, run))
         sched.step()
-        if checkpoint is not None and distributed.is_main():
+        if checkpoint is not None and distributed.is_main() and not estimate.active():
             _save(checkpoint, model, loss_fn, opts, sched, epoch + 1, history)
     model.eval()
     return history
 
 
-def _run_epoch(model, dataset, loss_fn, opts, batch_size, seed, epoch, device, desc, show_progress) -> dict:
-    """One pass over the data (this process's slice of each batch): mean loss, examples seen, seconds."""
+def _run_epoch(model, dataset, loss_fn, opts, batch_size, seed, epoch, device, desc, show_progress,
+               augment_kind="none", max_batches=None) -> dict:
+    """One pass over the data (this process's slice of each batch; its first ``max_batches`` batches
+    when given): mean loss, examples seen, seconds."""
     model.train()
     total, seen, t0 = 0.0, 0, time.perf_counter()
     bar = progress(_epoch_loader(dataset, batch_size, seed, epoch), desc, enabled=show_progress)
-    for x, y in bar:
-        x, y, share = distributed.shard(x.to(device), y.to(device))
+    for i, (x, y) in enumerate(bar):
+        if max_batches is not None and i >= max_batches:
+            break
+        x, y, share = distributed.shard(augment(x.to(device), augment_kind), y.to(device))
         loss = loss_fn(model, x, y)
         for opt in opts:
             opt.zero_grad(set_to_none=True)
@@ -228,7 +274,8 @@ def fit(model: nn.Module, dataset, loss_fn, *, chapter: str, name: str, recipe: 
     done = load_checkpoint(path)["epoch"] if path.is_file() else 0
     history = train(model, dataset, loss_fn, epochs=epochs, checkpoint=path, desc=name, **train_kwargs)
     how = "finished run loaded" if done >= epochs else f"resumed after epoch {done}" if done else "trained now"
-    rec = dict(name=name, checkpoint=str(path), recipe=full, how=how, history=history)
+    rec = dict(name=name, checkpoint=str(path), recipe=full, how=how, history=history,
+               device=str(model_device(model)))
     record("training", **rec)
     final = history[-1]["loss"] if history else float("nan")
     print(f"{name}: {epochs} epochs on {len(dataset)} images, {sum(h['seconds'] for h in history):.0f} s "

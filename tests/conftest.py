@@ -59,3 +59,10 @@ def tiny_model():
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.Softplus(), torch.nn.Flatten(),
                                torch.nn.Linear(4 * 64, 10))
+
+
+@pytest.fixture(autouse=True)
+def _private_runs_folder(tmp_path_factory, monkeypatch):
+    """Each test's checkpoints and cached evaluations go to a folder of its own, never ./runs."""
+    if "DEFENSES_RUNS" not in os.environ:
+        monkeypatch.setenv("DEFENSES_RUNS", str(tmp_path_factory.mktemp("runs")))

@@ -236,6 +236,11 @@ def comparison_data(P):
 def test_comparison_paper_profile_runs_a_few_steps(data_root, paper_profile):
     """CIFAR-10 and ResNet-18 with every chapter's paper recipe: one training step per model, then the
     chapter's evaluation, certificates, sanity checks and costs on two test images with short attacks."""
+    paper_recipes_a_few_steps(data_root, paper_profile)
+
+
+def paper_recipes_a_few_steps(data_root, paper_profile):
+    """The body of the test above (the GPU smoke test runs it too)."""
     few = dict(batch_size=10)
     P, data = paper_profile(
         "comparison", n_train=10, eval_steps=2, attack_draws=2, score_repeats=1, aa_n=1, aa_version="custom",

@@ -115,3 +115,24 @@ def test_binarized_images_are_zero_or_one_at_the_threshold():
 def test_balanced_subset_of_the_whole_set_is_the_whole_set(data_root):
     train = load_dataset("mnist", "train", data_root)
     assert balanced_subset(train, len(train)) is train
+
+
+def test_crop_flip_is_a_shifted_window_of_the_zero_padded_image_flipped_or_not():
+    """Each augmented image equals one of the 81 windows of the 4-pixel zero-padded image, mirrored or
+    not; across a batch both the offsets and the flips vary; 'none' returns the batch itself."""
+    from defenses_lib.data import augment
+
+    torch.manual_seed(0)
+    x = torch.rand(64, 3, 8, 8)
+    out = augment(x, "crop-flip")
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    found = []
+    for img, pad in zip(out, padded):
+        hits = [(i, j, f) for i in range(9) for j in range(9) for f in (False, True)
+                if torch.equal(img, pad[:, i:i + 8, j:j + 8].flip(-1) if f else pad[:, i:i + 8, j:j + 8])]
+        assert hits, "not a window of the padded image"
+        found.append(hits[0])
+    assert len({(i, j) for i, j, _ in found}) > 20 and 10 < sum(f for *_, f in found) < 54
+    assert augment(x, "none") is x
+    with pytest.raises(ValueError, match="augment must be one of"):
+        augment(x, "cutout")

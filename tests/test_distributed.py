@@ -47,3 +47,21 @@ def test_shards_cover_the_batch_and_their_shares_average_to_one(monkeypatch):
     assert [len(p[1]) for p in parts] == [3, 2] and sum(p[2] for p in parts) / 2 == pytest.approx(1.0)
     with pytest.raises(ValueError, match="batch of 1 cannot be split over 2 processes"):
         distributed.shard(x[:1], y[:1])
+
+
+EVAL = Path(__file__).parent / "scripts" / "ddp_eval.py"
+
+
+def test_under_torchrun_each_example_is_evaluated_once_and_every_process_gets_every_result(tmp_path):
+    """Two gloo processes split the evaluation: the same per-example results as one process, and
+    together the two models were shown as many examples as the one model was, not twice as many."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", DEFENSES_EVAL_CACHE="0")
+    subprocess.run([sys.executable, EVAL, tmp_path / "one.pt"], check=True, env=env)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", EVAL,
+                    tmp_path / "two.pt"], check=True, env=env, capture_output=True)
+    one, two = (torch.load(tmp_path / f, weights_only=True) for f in ("one.pt", "two.pt"))
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    for row, outcome in one["correct"].items():
+        assert torch.equal(outcome, two["correct"][row]), row
+    assert two["certified"] == one["certified"] == 5
+    assert sum(two["seen"]) == one["seen"][0] and max(two["seen"]) < one["seen"][0]

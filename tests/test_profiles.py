@@ -142,3 +142,29 @@ def test_drsl_paper_profile_runs_a_few_steps(data_root, paper_profile):
     x, y = balanced_subset(load_dataset(P.dataset, "test", data_root), 10, seed=1).tensors()
     res = models["DRSL"].evaluate(x[:4], y[:4], {"margin": partial(pgd, eps=P.eval_eps[-1], steps=2, loss="margin")})
     assert res.n == 4
+
+
+def test_a_paper_profile_on_a_cpu_warns_with_the_stored_estimate(monkeypatch):
+    import warnings
+
+    from defenses_lib import runtime
+
+    monkeypatch.setattr(runtime, "pick_device", lambda prefer=None: torch.device("cpu"))
+    with pytest.warns(UserWarning, match=r"paper profile of armor is meant for a GPU.*--estimate"):
+        get_profile("armor", "paper")
+    monkeypatch.setattr(runtime, "pick_device", lambda prefer=None: torch.device("cuda"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        get_profile("armor", "paper")
+        get_profile("armor", "quick")
+
+
+@pytest.mark.parametrize("chapter", sorted(PAPER))
+def test_every_profiles_data_can_be_drawn_class_balanced(chapter):
+    """chapter_data draws class-balanced subsets: each size a multiple of the 10 classes, or the whole
+    split (the purification paper profile once asked for 512 test images and could not load its data)."""
+    for P in (QUICK[chapter], PAPER[chapter]):
+        whole = {"mnist": (60_000, 10_000), "cifar10": (50_000, 10_000)}[P.dataset]
+        for n, total in zip((P.n_train, P.n_test), whole):
+            assert n == total or (n % 10 == 0 and 0 < n < total), (P.name, n)
+        assert P.aa_n <= P.n_test and P.sanity_n <= P.n_test, P.name

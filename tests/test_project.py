@@ -135,3 +135,33 @@ def test_ruff_finds_nothing():
     out = subprocess.run([ruff, "check", "defenses_lib", "tests", "experiments", "book/execute.py",
                           "book/conftest.py"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def _repository() -> str:
+    return _pyproject()["project"]["urls"]["Repository"]
+
+
+def test_the_repository_address_is_written_once_and_used_everywhere():
+    """_config.yml, every install cell and every source link use pyproject's address, and the
+    install cell installs the tagged release of this version (v<version>), not a moving branch."""
+    url, version = _repository(), _pyproject()["project"]["version"]
+    config = yaml.safe_load((ROOT / "_config.yml").read_text())
+    assert config["repository"]["url"] == url
+    texts = {p.name: p.read_text() for p in [*CHAPTERS, ROOT / "README.md", ROOT / "book" / "intro.md"]}
+    for name, text in texts.items():
+        for link in re.findall(r"https://github\.com/[\w.-]+/[\w.-]+", text):
+            assert link == url, f"{name} links to {link}, not the repository {url}"
+    for nb_path in CHAPTERS:
+        cell = next(c for c in json.loads(nb_path.read_text())["cells"] if c["cell_type"] == "code")
+        src = "".join(cell["source"])
+        assert f'REPO = "{url}"' in src and f'REF = "v{version}"' in src, nb_path.name
+        assert 'find_spec("defenses_lib") is None' in src and "DEFENSES_RUNS" in src, nb_path.name
+
+
+def test_the_running_page_shows_the_readmes_own_text():
+    page = (ROOT / "book" / "running.md").read_text()
+    readme = (ROOT / "README.md").read_text()
+    start = re.search(r":start-after: (.*)", page).group(1)
+    end = re.search(r":end-before: (.*)", page).group(1)
+    assert start in readme and end in readme and readme.index(start) < readme.index(end)
+    assert "book/running" in (ROOT / "_toc.yml").read_text()

@@ -83,3 +83,38 @@ def test_bad_arguments_are_named(argv, message, capsys):
     with pytest.raises(SystemExit):
         run.main(argv)
     assert message in capsys.readouterr().err
+
+
+RESUME = [
+    "from functools import partial\nimport os, signal\nimport torch\n"
+    "from defenses_lib.attacks import fgsm, pgd\nfrom defenses_lib.evaluation import evaluate\n"
+    "from defenses_lib.defenses.baselines import CrossEntropy\nfrom defenses_lib.training import fit\n"
+    "g = torch.Generator().manual_seed(0)\n"
+    "x, y = torch.rand(64, 1, 6, 6, generator=g), torch.randint(0, 3, (64,), generator=g)\n"
+    "torch.manual_seed(0)\nmodel = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(36, 3))\n"
+    "fit(model, torch.utils.data.TensorDataset(x, y), CrossEntropy(), chapter='tiny', name='linear', "
+    "recipe={'data': 'random'}, epochs=2, batch_size=16, device='cpu')",
+    "print(evaluate(model, x, y, {'PGD': partial(pgd, eps=0.1, steps=3)}, setting='first'))",
+    "if os.environ.get('KILL_THE_KERNEL'):\n    os.kill(os.getpid(), signal.SIGKILL)",
+    "print(evaluate(model, x, y, {'PGD': partial(pgd, eps=0.2, steps=3)}, setting='second'))",
+]
+
+
+def test_a_killed_run_leaves_its_metrics_and_the_resumed_run_does_only_the_rest(tmp_path, monkeypatch):
+    """Killed after the first evaluation, the run leaves metrics.json; run again, it loads the model and
+    the finished evaluation (random starts included) and ends with the results of an uninterrupted run."""
+    path = tmp_path / "resume.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in RESUME]), path)
+    args = ["--notebook", str(path), "--profile", "quick", "--out"]
+    monkeypatch.setenv("KILL_THE_KERNEL", "1")
+    assert run.main(args + [str(tmp_path / "killed")]) == 1
+    killed = json.loads((tmp_path / "killed" / "metrics.json").read_text())
+    assert killed["errors"][0]["error"].startswith("DeadKernelError") and len(killed["evaluations"]) == 1
+    monkeypatch.delenv("KILL_THE_KERNEL")
+    assert run.main(args + [str(tmp_path / "killed")]) == 0
+    assert run.main(args + [str(tmp_path / "whole")]) == 0
+    resumed, whole = (json.loads((tmp_path / f / "metrics.json").read_text()) for f in ("killed", "whole"))
+    assert resumed["trainings"][0]["how"] == "finished run loaded"
+    assert [e["cached"] for e in resumed["evaluations"]] == [["clean", "PGD"], []]
+    assert [e["cached"] for e in whole["evaluations"]] == [[], []]
+    assert [e["accuracy"] for e in resumed["evaluations"]] == [e["accuracy"] for e in whole["evaluations"]]

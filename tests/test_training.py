@@ -15,8 +15,8 @@ from defenses_lib.defenses.ensembles import DLCLoss, GALLoss
 from defenses_lib.defenses.purification import AToPLoss, RandomTransform
 from defenses_lib.defenses.smoothing import GaussianNoiseLoss, VariationalSmoothingLoss
 from defenses_lib.runtime import pick_device, timeit, timing_rounds
-from defenses_lib.training import (_epoch_loader, atomic_save, fit, identity, load_checkpoint, loss_time, recipe_hash,
-                                   step_time, train)
+from defenses_lib.training import (CheckpointError, _epoch_loader, atomic_save, fit, identity, load_checkpoint,
+                                   loss_time, recipe_hash, step_time, train)
 
 
 def _dataset(n=96):
@@ -90,6 +90,35 @@ def test_atomic_save_round_trip_and_no_leftovers(tmp_path):
     back = load_checkpoint(tmp_path / "a" / "ck.pt")
     assert torch.equal(back["w"], state["w"]) and back["history"] == state["history"]
     assert [p.name for p in (tmp_path / "a").iterdir()] == ["ck.pt"]
+
+
+def test_every_single_byte_flip_truncation_or_empty_file_is_refused_naming_the_file(tmp_path):
+    """40 single-byte flips spread over the file, a truncation and an empty file: each is a
+    CheckpointError that names the file and says to delete it; none loads changed weights."""
+    path = tmp_path / "ck.pt"
+    atomic_save({"w": torch.arange(1000.0), "epoch": 3}, path)
+    good = path.read_bytes()
+    damaged = [bytes(good[:i]) + bytes([good[i] ^ 0x01]) + bytes(good[i + 1:])
+               for i in torch.linspace(0, len(good) - 1, 40).long().tolist()]
+    damaged += [good[: len(good) // 2], b""]
+    for data in damaged:
+        path.write_bytes(data)
+        with pytest.raises(CheckpointError, match=f"checkpoint {path} .*delete it"):
+            load_checkpoint(path)
+
+
+def test_a_checkpoint_from_before_digests_loads_with_a_warning(tmp_path):
+    torch.save({"w": torch.ones(2)}, tmp_path / "old.pt")
+    with pytest.warns(UserWarning, match="carries no digest"):
+        assert torch.equal(load_checkpoint(tmp_path / "old.pt")["w"], torch.ones(2))
+
+
+def test_a_write_killed_earlier_leaves_no_stray_file_after_the_next(tmp_path):
+    """A temporary file that a killed write left beside the checkpoint is removed by the next write."""
+    stray = tmp_path / ".ck.pt.abc123.tmp"
+    stray.write_bytes(b"half a checkpoint")
+    atomic_save({"epoch": 1}, tmp_path / "ck.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.pt"]
 
 
 def test_failed_save_leaves_nothing(tmp_path):

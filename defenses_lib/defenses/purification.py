@@ -24,7 +24,7 @@ from ..attacks import EOT, check_eps, check_inputs, fgsm, pgd
 from ..checks import check_choice
 from ..config import Configured
 from ..models import build_model
-from ..runtime import seed_everything
+from ..runtime import draw, generator_for, seed_everything
 from ..training import fit
 from .base import Defense, select
 from .baselines import CrossEntropy
@@ -61,9 +61,9 @@ class RandomTransform(Configured, nn.Module):
                              f"{', '.join(self._config)}")
         return RandomTransform(**{**self._config, **changes})
 
-    def _generator(self) -> torch.Generator | None:
-        """The generator of this call: a freshly seeded one when the randomness is fixed."""
-        return torch.Generator().manual_seed(self.fixed_seed) if self.fixed_seed is not None else self.generator
+    def _generator(self, x: torch.Tensor) -> torch.Generator | None:
+        """The generator of this call: a freshly seeded one on x's device when the randomness is fixed."""
+        return generator_for(x.device, self.fixed_seed) if self.fixed_seed is not None else self.generator
 
     def _grid(self, x: torch.Tensor) -> tuple[int, int]:
         """The block grid of x's images (their sides must be multiples of ``block``)."""
@@ -75,20 +75,20 @@ class RandomTransform(Configured, nn.Module):
     def sample(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(noisy image, masks): masks of shape (K, N, 1, H, W), 1 where a pixel is missing (K = 1, or n_masks: RT3)."""
         check_inputs(x)
-        g = self._generator()
+        g = self._generator(x)
         gh, gw = self._grid(x)
         n_img = 1 if self.shared_mask else len(x)
-        ranks = torch.rand(n_img, gh * gw, generator=g).argsort(1).argsort(1)  # a random order of the blocks
+        ranks = draw("rand", (n_img, gh * gw), x.device, g).argsort(1).argsort(1)  # a random order of the blocks
         if self.kind == "rt3":  # block b goes to mask (rank of b) mod n_masks: a random partition
             groups = [ranks % self.n_masks == k for k in range(self.n_masks)]
         else:
             groups = [ranks < round(self.missing_rate * gh * gw)]
         masks = torch.stack([m.view(n_img, 1, gh, gw).float() for m in groups])
         masks = masks.repeat_interleave(self.block, -2).repeat_interleave(self.block, -1)
-        masks = masks.expand(-1, len(x), -1, -1, -1).to(x.device)
+        masks = masks.expand(-1, len(x), -1, -1, -1)
         noisy = x
         if self.kind != "rt1" and self.sigma > 0:
-            noisy = (x + self.sigma * torch.randn(x.shape, generator=g).to(x.device)).clamp(0, 1)
+            noisy = (x + self.sigma * draw("randn", x.shape, x.device, g)).clamp(0, 1)
         return noisy, masks
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -220,7 +220,8 @@ def make_transform(P, kind: str | None = None, **overrides) -> RandomTransform:
 def _randomized(P, name: str, pipeline: PurifiedClassifier, stages) -> Defense:
     """A purification pipeline as a defense: predicts with ``P.eot_draws`` draws, attacked through
     ``P.attack_draws`` per step (EOT), its randomness fixed for sanity check 5."""
-    return Defense(name, EOT(pipeline, P.eot_draws), stages, attack_model=EOT(pipeline, P.attack_draws),
+    return Defense(name, EOT(pipeline, P.eot_draws, P.forward_batch), stages,
+                   attack_model=EOT(pipeline, P.attack_draws, P.forward_batch),
                    randomized=True, repeats=P.score_repeats, fixed_model=pipeline.with_fixed_randomness(P.seed),
                    chapter="purification")
 

@@ -17,6 +17,7 @@ and the certificate here are the book's reconstruction, each choice a named opti
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import time
@@ -28,12 +29,14 @@ from torch import nn
 import torch.nn.functional as F
 from scipy.stats import binom, binomtest, norm
 
-from ..attacks import check_inputs, eval_mode, log_mean_softmax
+from .. import distributed, estimate
+from ..cache import cached
+from ..attacks import check_inputs, chunked, eval_mode, log_mean_softmax
 from ..checks import check_int, check_number
 from ..config import Configured
 from ..evaluation import FixedRandomness
 from ..models import build_model
-from ..runtime import model_device, progress, seed_everything
+from ..runtime import draw, generator_for, model_device, progress, record, seed_everything
 from ..training import fit
 from .base import Defense, select
 
@@ -53,12 +56,16 @@ def _sigmas(sigma, n: int) -> torch.Tensor:
     return s
 
 
-def soft_smoothed(base: nn.Module, x: torch.Tensor, sigma, draws: int) -> torch.Tensor:
-    """log mean_m softmax(base(x + sigma * noise_m)) over ``draws`` draws; sigma a number or one per image."""
+def soft_smoothed(base: nn.Module, x: torch.Tensor, sigma, draws: int, batch_size: int | None = None) -> torch.Tensor:
+    """log mean_m softmax(base(x + sigma * noise_m)) over ``draws`` draws; sigma a number or one per image.
+
+    ``batch_size`` bounds the images one forward pass of ``base`` sees (see ``attacks.chunked``).
+    """
     n = len(x)
     sigma = sigma.repeat(draws).view(-1, 1, 1, 1) if torch.is_tensor(sigma) else sigma
     noisy = x.repeat(draws, 1, 1, 1) + sigma * torch.randn((draws * n, *x.shape[1:]), device=x.device)
-    return log_mean_softmax(base(noisy).view(draws, n, -1))
+    logits = chunked(base, noisy, batch_size, recompute=not base.training)
+    return log_mean_softmax(logits.view(draws, n, -1))
 
 
 class GaussianNoiseLoss(Configured, nn.Module):
@@ -78,19 +85,19 @@ class SmoothedClassifier(Configured, nn.Module):
 
     Differentiable in x, so PGD on it is PGD with EOT through the noise; ``randomized`` tells the
     attacks not to stop early on a lucky draw. Noise is added in pixel space and not clipped.
+    ``batch_size`` bounds the images one forward pass of ``base`` sees.
     """
 
     randomized = True
 
-    def __init__(self, base: nn.Module, sigma: float, draws: int = 16):
+    def __init__(self, base: nn.Module, sigma: float, draws: int = 16, batch_size: int | None = None):
         super().__init__()
         _sigmas(sigma, 1)
-        if draws < 1:
-            raise ValueError(f"draws must be >= 1, got {draws}")
-        self.base, self.sigma, self.draws = base, sigma, draws
+        check_int("draws", draws)
+        self.base, self.sigma, self.draws, self.batch_size = base, sigma, draws, batch_size
 
     def forward(self, x):
-        return soft_smoothed(self.base, x, self.sigma, self.draws)
+        return soft_smoothed(self.base, x, self.sigma, self.draws, self.batch_size)
 
 
 @dataclass
@@ -111,27 +118,33 @@ class Timings:
 @torch.no_grad()
 def sample_counts(base: nn.Module, x: torch.Tensor, sigma: float, num: int, num_classes: int, batch_size: int = 1000,
                   generator: torch.Generator | None = None, timings: Timings | None = None) -> torch.Tensor:
-    """How often the base classifier predicts each class on ``num`` noisy copies of one image x (C, H, W)."""
+    """How often the base classifier predicts each class on ``num`` noisy copies of one image x (C, H, W),
+    drawn and classified on the model's device ``batch_size`` at a time (``generator`` on that device
+    draws there; a generator elsewhere draws on its own device and the noise is moved)."""
     dev = model_device(base)
-    counts = torch.zeros(num_classes, dtype=torch.long)
+    counts = torch.zeros(num_classes, dtype=torch.long, device=dev)
     t = timings if timings is not None else Timings()
     x = x.to(dev)
-    with eval_mode(base):
-        for start in range(0, num, batch_size):
+    starts = range(0, num, batch_size)
+    run = estimate.cap(len(starts), 1)   # every batch of noise, except in estimate mode
+    with eval_mode(base), estimate.stage("certificates", len(starts), run):
+        for start in starts[:run]:
             m = min(batch_size, num - start)
             t0 = time.perf_counter()
-            noise = torch.randn((m, *x.shape), generator=generator).to(dev)
-            batch = x.unsqueeze(0) + sigma * noise
+            batch = x.unsqueeze(0) + sigma * draw("randn", (m, *x.shape), dev, generator)
             t1 = time.perf_counter()
             logits = base(batch)
+            if logits.shape[1] != num_classes:
+                raise ValueError(f"num_classes must be the number of the model's outputs, {logits.shape[1]}, "
+                                 f"got {num_classes}")
             t2 = time.perf_counter()
-            counts += torch.bincount(logits.argmax(1).cpu(), minlength=num_classes)
+            counts += torch.bincount(logits.argmax(1), minlength=num_classes)
             t3 = time.perf_counter()
             t.sampling += t1 - t0
             t.forward += t2 - t1
             t.bookkeeping += t3 - t2
             t.samples += m
-    return counts
+    return counts.cpu()
 
 
 def lower_confidence_bound(successes: int, trials: int, alpha: float) -> float:
@@ -184,18 +197,31 @@ def certify(base: nn.Module, x: torch.Tensor, sigma, n0: int = 100, n: int = 100
     with probability >= 1 - alpha per image.
     """
     _check(x, n, alpha, n0, batch_size, num_classes)
-    sig = _sigmas(sigma, len(x))
-    pred, radius = torch.full((len(x),), ABSTAIN), torch.zeros(len(x))
-    p_low, timings = torch.zeros(len(x)), Timings()
-    for i in progress(range(len(x)), desc, enabled=desc is not None):
-        s = float(sig[i])
-        counts = partial(sample_counts, base, x[i], s, num_classes=num_classes,
-                         batch_size=batch_size, generator=generator, timings=timings)
-        c = int(counts(n0).argmax())            # guess the top class with n0 draws
-        p_low[i] = lower_confidence_bound(int(counts(n)[c]), n, alpha)   # bound it
-        if p_low[i] >= 0.5:
-            pred[i], radius[i] = c, s * float(norm.ppf(float(p_low[i])))
-    return Certificate(pred, radius, p_low, sig, n, alpha, timings)
+    sig, timings = _sigmas(sigma, len(x)), Timings()
+
+    def certify_here(xs, sigs):
+        """CERTIFY on this process's images (all of them without torchrun)."""
+        pred, radius, p_low = torch.full((len(xs),), ABSTAIN), torch.zeros(len(xs)), torch.zeros(len(xs))
+        run = estimate.cap(len(xs), 1)   # every image, except in estimate mode
+        with estimate.stage("certificates", len(xs), run):
+            for i in progress(range(run), desc, enabled=desc is not None):
+                s = float(sigs[i])
+                counts = partial(sample_counts, base, xs[i], s, num_classes=num_classes,
+                                 batch_size=batch_size, generator=generator, timings=timings)
+                c = int(counts(n0).argmax())            # guess the top class with n0 draws
+                p_low[i] = lower_confidence_bound(int(counts(n)[c]), n, alpha)   # bound it
+                if p_low[i] >= 0.5:
+                    pred[i], radius[i] = c, s * float(norm.ppf(float(p_low[i])))
+        return pred, radius, p_low
+
+    def compute():
+        """The certificates and where their time went."""
+        return (*distributed.split_work(certify_here, x, sig), dataclasses.asdict(timings))
+
+    parts = (base, x, sig, n0, n, alpha, num_classes, batch_size)
+    (pred, radius, p_low, spent), hit = cached("certify", parts, compute, [generator] if generator else [])
+    record("certificate", n=len(x), draws=n, cached=hit, device=str(model_device(base)))
+    return Certificate(pred, radius, p_low, sig, n, alpha, Timings(**spent))
 
 
 # --- Variational, sample-wise smoothing (Hase et al. 2024, as the book reconstructs it) ---
@@ -243,7 +269,8 @@ class VariationalSmoothing(Configured, nn.Module):
     randomized = True
 
     def __init__(self, base: nn.Module, selector: NoiseSelector, sigma_t: float, draws: int = 16,
-                 median_draws: int = 32, sigma_h: float = 0.12, levels: tuple[float, ...] | None = None):
+                 median_draws: int = 32, sigma_h: float = 0.12, levels: tuple[float, ...] | None = None,
+                 batch_size: int | None = None):
         super().__init__()
         _sigmas(sigma_t, 1)
         if draws < 1 or median_draws < 1 or sigma_h < 0:
@@ -254,6 +281,7 @@ class VariationalSmoothing(Configured, nn.Module):
         self.base, self.selector = base, selector
         self.sigma_t, self.draws, self.median_draws, self.sigma_h = sigma_t, draws, median_draws, sigma_h
         self.levels = None if levels is None else tuple(float(v) for v in levels)
+        self.batch_size = batch_size   # images per forward pass of the classifier (None: all draws at once)
 
     def quantize(self, sigma: torch.Tensor) -> torch.Tensor:
         """Round each noise level to the nearest of ``levels`` in log scale; the identity when levels is None."""
@@ -278,12 +306,11 @@ class VariationalSmoothing(Configured, nn.Module):
         return self.quantize(samples.median(0).values)
 
     def forward(self, x):
-        return soft_smoothed(self.base, x, self.noise_level(x), self.draws)
+        return soft_smoothed(self.base, x, self.noise_level(x), self.draws, self.batch_size)
 
     def with_target(self, sigma_t: float) -> "VariationalSmoothing":
         """The same networks (shared weights) asked for another target level sigma_t."""
-        return VariationalSmoothing(self.base, self.selector, sigma_t, self.draws, self.median_draws, self.sigma_h,
-                                    self.levels)
+        return type(self)(**{**self._config, "sigma_t": sigma_t})
 
 
 class VariationalSmoothingLoss(Configured, nn.Module):
@@ -360,26 +387,41 @@ def certify_variational(model: VariationalSmoothing, x: torch.Tensor, radii, n0:
     check_int("selector_draws", selector_draws)
     radii = sorted({0.0, *(float(r) for r in radii)})
     a_sel, a_lvl = alpha / 2 / len(radii), alpha / 2 / len(model.levels)
-    pred, radius, p_min, sig = (torch.full((len(x),), ABSTAIN), torch.zeros(len(x)), torch.zeros(len(x)),
-                                torch.zeros(len(x)))
     timings = Timings()
-    with eval_mode(model), torch.no_grad():
-        for i in progress(range(len(x)), desc, enabled=desc is not None):
-            samples = model.selector_samples(x[i:i + 1].to(model_device(model)), selector_draws)[:, 0].cpu()
-            sig[i] = model.quantize(samples.median())
-            counts = partial(sample_counts, model.base, x[i], num_classes=num_classes, batch_size=batch_size,
-                             generator=generator, timings=timings)
-            c = int(counts(float(sig[i]), n0).argmax())
-            p_low: dict[float, float] = {}   # each reachable level's p_lower, computed once
-            for r in radii:
-                reach = _reachable_levels(model, samples, r, a_sel)
-                for v in reach:
-                    if v not in p_low:
-                        p_low[v] = lower_confidence_bound(int(counts(v, n)[c]), n, a_lvl)
-                if not reach or not all(p_low[v] >= 0.5 and v * norm.ppf(p_low[v]) >= r for v in reach):
-                    break
-                pred[i], radius[i], p_min[i] = c, r, min(p_low[v] for v in reach)
-    return Certificate(pred, radius, p_min, sig, n, alpha, timings)
+
+    @torch.no_grad()
+    def certify_here(xs):
+        """The certificate of this process's images (all of them without torchrun)."""
+        pred, radius, p_min, sig = (torch.full((len(xs),), ABSTAIN), torch.zeros(len(xs)), torch.zeros(len(xs)),
+                                    torch.zeros(len(xs)))
+        run = estimate.cap(len(xs), 1)   # every image, except in estimate mode
+        with eval_mode(model), estimate.stage("certificates", len(xs), run):
+            for i in progress(range(run), desc, enabled=desc is not None):
+                samples = model.selector_samples(xs[i:i + 1].to(model_device(model)), selector_draws)[:, 0].cpu()
+                sig[i] = model.quantize(samples.median())
+                counts = partial(sample_counts, model.base, xs[i], num_classes=num_classes, batch_size=batch_size,
+                                 generator=generator, timings=timings)
+                c = int(counts(float(sig[i]), n0).argmax())
+                p_low: dict[float, float] = {}   # each reachable level's p_lower, computed once
+                for r in radii:
+                    reach = _reachable_levels(model, samples, r, a_sel)
+                    for v in reach:
+                        if v not in p_low:
+                            p_low[v] = lower_confidence_bound(int(counts(v, n)[c]), n, a_lvl)
+                    if not reach or not all(p_low[v] >= 0.5 and v * norm.ppf(p_low[v]) >= r for v in reach):
+                        break
+                    pred[i], radius[i], p_min[i] = c, r, min(p_low[v] for v in reach)
+        return pred, radius, p_min, sig
+
+    def compute():
+        """The certificates and where their time went."""
+        return (*distributed.split_work(certify_here, x), dataclasses.asdict(timings))
+
+    parts = (model, x, radii, n0, n, alpha, selector_draws, num_classes, batch_size)
+    (pred, radius, p_min, sig, spent), hit = cached("certify-variational", parts, compute,
+                                                    [generator] if generator else [])
+    record("certificate", n=len(x), draws=n, cached=hit, device=str(model_device(model)))
+    return Certificate(pred, radius, p_min, sig, n, alpha, Timings(**spent))
 
 
 def selector_radius_limit(sigma_h: float, n_radii: int, alpha: float, selector_draws: int) -> float:
@@ -415,13 +457,13 @@ def fewer_draws(model: nn.Module, draws: int, median_draws: int | None = None) -
 
 def _gaussian(P, sigma: float, training) -> Defense:
     """Cohen et al.'s smoothed classifier at ``sigma`` as a defense, with its certificate."""
-    model = SmoothedClassifier(training.model, sigma, P.smooth_draws)
+    model = SmoothedClassifier(training.model, sigma, P.smooth_draws, P.forward_batch)
     attacker = fewer_draws(model, P.attack_draws)
 
     def certificate(x, desc=None):
         """CERTIFY at sigma, noise seeded."""
         return certify(training.model, x, sigma, n0=P.cert_n0, n=P.cert_n, alpha=P.cert_failure_prob,
-                       generator=torch.Generator().manual_seed(P.seed), desc=desc)
+                       generator=generator_for(training.model, P.seed), desc=desc)
 
     return Defense(f"sigma = {sigma:g}", model, [training], attack_model=attacker, randomized=True,
                    repeats=P.score_repeats, fixed_model=FixedRandomness(attacker, P.seed), certify=certificate,
@@ -430,14 +472,14 @@ def _gaussian(P, sigma: float, training) -> Defense:
 
 def _variational(P, sigma_t: float, training) -> Defense:
     """The variational model asked for target ``sigma_t``, as a defense with its certificate."""
-    model = training.model.with_target(sigma_t)
+    model = type(training.model)(**{**training.model._config, "sigma_t": sigma_t, "batch_size": P.forward_batch})
     attacker = fewer_draws(model, P.attack_draws, P.attack_median_draws)
 
     def certificate(x, desc=None):
         """The sample-wise certificate, selector draws and noise seeded."""
         torch.manual_seed(P.seed)
         return certify_variational(model, x, P.radii, n0=P.cert_n0, n=P.cert_n, alpha=P.cert_failure_prob,
-                                   selector_draws=P.selector_draws, generator=torch.Generator().manual_seed(P.seed),
+                                   selector_draws=P.selector_draws, generator=generator_for(model, P.seed),
                                    desc=desc)
 
     return Defense(f"variational, sigma_t = {sigma_t:g}", model, [training], attack_model=attacker,
