@@ -15,10 +15,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import itertools
 import json
 import os
 import types
 import warnings
+import weakref
 from pathlib import Path
 
 import torch
@@ -39,11 +41,26 @@ def source_digest() -> str:
     return h.hexdigest()
 
 
+_digests: "weakref.WeakKeyDictionary[torch.Tensor, tuple[int, str]]" = weakref.WeakKeyDictionary()
+
+
 def _tensor_digest(t: torch.Tensor) -> str:
-    """A digest of a tensor's shape, dtype and values."""
+    """A digest of a tensor's shape, dtype and values; remembered while the tensor lives and is not
+    changed in place (its version counter), so a model's weights are hashed once per change."""
+    known = _digests.get(t)
+    if known is not None and known[0] == t._version:
+        return known[1]
+    digest = _compute_digest(t)
+    _digests[t] = (t._version, digest)
+    return digest
+
+
+def _compute_digest(t: torch.Tensor) -> str:
+    """``_tensor_digest`` computed."""
+    shape, dtype = tuple(t.shape), t.dtype
     t = t.detach().cpu().contiguous().reshape(-1)
     data = t.to(torch.uint8) if t.dtype == torch.bool or not t.numel() else t.view(torch.uint8)
-    return f"{tuple(t.shape)}:{t.dtype}:" + hashlib.sha256(data.numpy().tobytes()).hexdigest()
+    return f"{shape}:{dtype}:" + hashlib.sha256(data.numpy().tobytes()).hexdigest()
 
 
 def _function(f, seen) -> dict:
@@ -65,7 +82,8 @@ def _module(m: nn.Module, seen, with_state: bool) -> dict:
     out = {"class": f"{type(m).__module__}.{type(m).__qualname__}", "attrs": attrs,
            "children": {k: _module(c, seen, False) for k, c in m.named_children()}}
     if with_state:
-        out["state"] = {k: _tensor_digest(v) for k, v in m.state_dict().items()}
+        tensors = itertools.chain(m.named_parameters(), m.named_buffers())   # the live tensors, not copies
+        out["state"] = {k: _tensor_digest(v) for k, v in tensors}
     return out
 
 

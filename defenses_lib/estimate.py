@@ -6,7 +6,8 @@ library's long loops run only their first few iterations:
 
 - each training, its first ``TRAIN_BATCHES`` batches (of the first epoch), no checkpoint written;
 - each attack run, its first ``IMAGES`` images, and each PGD its first ``ATTACK_STEPS`` steps;
-  AutoAttack and Square run ``1 / QUERY_SHARE`` of their iterations and queries;
+  AutoAttack and Square run ``1 / QUERY_SHARE`` of their iterations and queries, and AutoAttack's
+  'rand' version one EOT draw per step;
 - each prediction, its first ``IMAGES`` images; each certificate, its first image and first batch
   of noise;
 - each timing study (``runtime.timing_rounds``), its first two rounds;

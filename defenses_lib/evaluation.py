@@ -42,11 +42,11 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 500) -> torch.T
 
 @torch.no_grad()
 def _predict(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """``predict`` in this process (in estimate mode its first few images, the rest predicted as -1)."""
+    """``predict`` in this process (in estimate mode its first few images, the rest predicted as class 0)."""
     dev, m = model_device(model), estimate.cap(len(x), estimate.IMAGES)
     with eval_mode(model), estimate.stage("predictions", len(x), m):
         pred = torch.cat([model(x[s].to(dev)).argmax(1).cpu() for s in _batches(m, batch_size)])
-    return torch.cat([pred, torch.full((len(x) - m,), -1, dtype=pred.dtype)])
+    return torch.cat([pred, torch.zeros(len(x) - m, dtype=pred.dtype)])
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> float:
@@ -262,7 +262,10 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, n
         for a in (aa.apgd, aa.apgd_targeted, aa.fab):
             a.n_iter = max(a.n_iter // share, 1)
         aa.square.n_queries = max(aa.square.n_queries // share, 1)
-        with estimate.stage("attacks", share, 1):
+        draws = aa.apgd.eot_iter if estimate.active() else 1   # the 'rand' version's EOT draws per step
+        for a in (aa.apgd, aa.apgd_targeted):
+            a.eot_iter = max(a.eot_iter // draws, 1)
+        with estimate.stage("attacks", share * draws, 1):
             x_adv, _ = aa.run_standard_evaluation(x.to(dev), y.to(dev), batch_size=batch_size)
     return x_adv.detach().cpu()
 
@@ -281,10 +284,11 @@ def square_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
         """Square on this process's examples."""
         dev = model_device(model)
         queries = max(n_queries // estimate.QUERY_SHARE, 1) if estimate.active() else n_queries
-        with eval_mode(model), estimate.stage("attacks", n_queries, queries):
+        m = estimate.cap(len(xs), estimate.IMAGES)   # every image, except in estimate mode
+        with eval_mode(model), estimate.stage("attacks", n_queries * len(xs), queries * m):
             sq = SquareAttack(model, norm={"linf": "Linf", "l2": "L2"}[norm], n_queries=queries, eps=eps,
                               p_init=0.8, n_restarts=1, seed=seed, verbose=False, resc_schedule=False, device=dev)
-            return sq.perturb(xs.to(dev), ys.to(dev)).cpu()
+            return torch.cat([sq.perturb(xs[:m].to(dev), ys[:m].to(dev)).cpu(), xs[m:].cpu()])
 
     return distributed.split_work(square_here, x, y)
 
