@@ -41,17 +41,24 @@ def source_digest() -> str:
     return h.hexdigest()
 
 
-_digests: "weakref.WeakKeyDictionary[torch.Tensor, tuple[int, str]]" = weakref.WeakKeyDictionary()
+_digests: dict[int, tuple] = {}   # id(tensor) -> (weak reference, version, digest), while the tensor lives
 
 
 def _tensor_digest(t: torch.Tensor) -> str:
     """A digest of a tensor's shape, dtype and values; remembered while the tensor lives and is not
     changed in place (its version counter), so a model's weights are hashed once per change."""
-    known = _digests.get(t)
-    if known is not None and known[0] == t._version:
-        return known[1]
+    known = _digests.get(id(t))
+    if known is not None and known[0]() is t and known[1] == t._version:
+        return known[2]
     digest = _compute_digest(t)
-    _digests[t] = (t._version, digest)
+    key = id(t)
+
+    def forget(ref, key=key):
+        """Drop the entry when its tensor dies (unless the id now belongs to another tensor's entry)."""
+        if _digests.get(key, (None,))[0] is ref:
+            del _digests[key]
+
+    _digests[key] = (weakref.ref(t, forget), t._version, digest)
     return digest
 
 

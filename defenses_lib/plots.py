@@ -215,7 +215,9 @@ def _bars_with_intervals(ax, summary: dict[str, dict], columns: list[str]) -> No
     for i, c in enumerate(columns):
         est = [summary[n][c] if not isinstance(summary[n][c], str) else None for n in names]
         vals = [100 * e.value if e else 0 for e in est]
-        err = [[100 * (e.value - e.low) if e else 0 for e in est], [100 * (e.high - e.value) if e else 0 for e in est]]
+        # a value a rounding error outside its interval would give a negative whisker: clamp at 0
+        err = [[max(100 * (e.value - e.low), 0) if e else 0 for e in est],
+               [max(100 * (e.high - e.value), 0) if e else 0 for e in est]]
         ax.barh([k + i * width for k in range(len(names))], vals, height=width, label=c, xerr=err,
                 error_kw={"elinewidth": 0.8, "capsize": 1.5, "ecolor": "0.3"})
     ax.set_yticks([k + 0.4 - width / 2 for k in range(len(names))], names)
