@@ -10,6 +10,9 @@ Where to look, by what you want:
 * attacking and evaluating: ``attacks`` (FGSM, PGD, EOT, rFGSM^k), ``evaluation`` (robust
   accuracy, the per-example worst case, AutoAttack, the gradient-masking sanity checks),
   ``curvature`` (input gradients and Hessian-vector products);
+* how strong the attack must be: ``strength`` (accuracy as EOT draws and steps grow, the plateau);
+* auditing any model in one call: ``audit`` (also ``python -m defenses_lib.audit``); the sanity
+  checks' positive controls: ``masked`` (known gradient-masked models);
 * saying what the numbers show: ``stats`` (intervals and paired tests) and ``claims``;
 * training: ``training`` (the one loop, checkpoints named by everything that shapes the weights)
   and ``config`` (every constructor argument recorded);

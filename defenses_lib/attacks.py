@@ -377,3 +377,16 @@ class EOT(nn.Module):
         copies = x.repeat(self.draws, *([1] * (x.dim() - 1)))
         logits = chunked(self.model, copies, self.batch_size, recompute=not self.model.training)
         return log_mean_softmax(logits.view(self.draws, n, -1))
+
+
+def with_draws(model: nn.Module, draws: int) -> nn.Module:
+    """The same randomized model (its weights shared) averaging ``draws`` random passes per call: an
+    ``EOT`` with another number of draws, a model built with a ``draws`` setting rebuilt with this one,
+    any other randomized model wrapped in ``EOT(model, draws)``."""
+    check_int("draws", draws)
+    if isinstance(model, EOT):
+        return EOT(model.model, draws, model.batch_size)
+    config = getattr(model, "_config", None)
+    if isinstance(config, dict) and "draws" in config:
+        return type(model)(**{**config, "draws": draws})
+    return EOT(model, draws)

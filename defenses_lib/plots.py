@@ -258,3 +258,33 @@ def comparison_figure(summary: dict[str, dict], costs: dict[str, dict], column: 
     _robustness_against_cost(ax[1], summary, costs, column)
     fig.tight_layout()
     return fig
+
+
+def strength_figure(sweeps: dict, used: tuple[int, int] | None = None, tol: float = 0.03, title: str = ""):
+    """Accuracy (%, 95% intervals) against the attack's EOT draws per step and against its steps, one
+    line per :class:`~defenses_lib.strength.StrengthSweep`; each arm's plateau ringed, ``used`` (the
+    tables' draws and steps) dotted."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), sharey=True)
+    for ax, along in zip(axes, ("draws", "steps")):
+        for name, sweep in sweeps.items():
+            est = sweep.intervals(along)
+            k, v = list(est), [100 * e.value for e in est.values()]
+            err = [[max(100 * (e.value - e.low), 0) for e in est.values()],
+                   [max(100 * (e.high - e.value), 0) for e in est.values()]]
+            line = ax.errorbar(k, v, yerr=err, marker="o", capsize=2, label=name)
+            p = sweep.plateau(along, tol)
+            ax.plot([p], [v[k.index(p)]], "o", ms=12, mfc="none", color=line[0].get_color())
+        if used is not None:
+            ax.axvline(used[0] if along == "draws" else used[1], color="grey", ls=":", lw=1, label="the tables' attack")
+        fixed = f"at {sweep.steps[0]} steps" if along == "draws" else f"at {sweep.draws[-1]} draws per step"
+        ax.set(xscale="log", xlabel=f"PGD's {'EOT draws per step' if along == 'draws' else 'steps'} ({fixed})",
+               title=f"by {along}")
+        ax.set_xticks(k, [str(i) for i in k])
+        ax.minorticks_off()
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy under attack (%)")
+    axes[1].legend(fontsize=8)
+    ring = f"rings: the plateau, within {100 * tol:g} points of the strongest, resolved"
+    fig.suptitle(title or f"attack strength ({ring})")
+    fig.tight_layout()
+    return fig

@@ -171,7 +171,17 @@ class Ensembles(LinfEvaluation, Profile):
 
 
 @dataclass(frozen=True, kw_only=True)
-class Purification(LinfEvaluation, Profile):
+class AttackStrength(Settings):
+    """The attack-strength sweep of a randomized defense (see ``strength.strength_sweep``)."""
+
+    strength_n: int = setting("test images of the attack-strength sweep (the first ones)", 20)
+    strength_draws: tuple[int, ...] = setting("EOT draws per step the sweep tries", (1, 2, 4, 8))
+    strength_steps: tuple[int, ...] = setting("PGD steps the sweep tries (the draws at the first)", (40, 80))
+    strength_tol: float = setting("how far above the strongest attack a plateau may sit", 0.03)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Purification(AttackStrength, LinfEvaluation, Profile):
     """Chapter 2: AToP, a purifier behind random transforms, adversarially fine-tuned."""
 
     epochs_classifier: int = setting("epochs of the classifier's standard training", 2)
@@ -199,7 +209,7 @@ class Purification(LinfEvaluation, Profile):
 
 
 @dataclass(frozen=True, kw_only=True)
-class Smoothing(Profile):
+class Smoothing(AttackStrength, Profile):
     """Chapter 3: Gaussian smoothing and variational (sample-wise) smoothing, attacked and certified."""
 
     epochs: int = setting("training epochs of every model", 3)
@@ -355,6 +365,7 @@ QUICK: dict[str, Profile] = {
 
 # CIFAR-10 as the papers train on it: all 50,000 images, random crops and flips; EOT and smoothing's
 # draws go through the network 2,048 images at a time, so an attack's memory stays bounded.
+_STRENGTH = dict(strength_n=100, strength_draws=(1, 2, 4, 8, 16, 32), strength_steps=(40, 100, 200))
 _CIFAR = dict(name="paper", dataset="cifar10", n_train=50_000, augment="crop-flip", forward_batch=2_048)
 PAPER: dict[str, Profile] = {
     "foundations": QUICK["foundations"].replace(
@@ -376,13 +387,13 @@ PAPER: dict[str, Profile] = {
         epochs_pretrain=100, epochs_finetune=20, ft_eps=8 / 255, ft_ce_weight=0.05, eot_draws=20,
         attack_draws=20, eval_steps=200, eval_eps=(4 / 255, 8 / 255),
         curve_eps=(0.0, 2 / 255, 4 / 255, 8 / 255, 16 / 255), l2_eps=0.5, classifier_steps=100,
-        aa_n=510, aa_version="rand", aa_attacks=None, sanity_n=200, square_queries=5_000),
+        aa_n=510, aa_version="rand", aa_attacks=None, sanity_n=200, square_queries=5_000, **_STRENGTH),
     "smoothing": QUICK["smoothing"].replace(
         **_CIFAR, arch="resnet18", n_test=500, lr=1e-3, epochs=90, sigmas=(0.12, 0.25, 0.5, 1.0),
         sigma_t_range=(0.12, 1.0), selector_width=32, sigma_max=1.2, levels=(0.12, 0.25, 0.5, 1.0),
         train_draws=8, median_draws=100, smooth_draws=32, cert_n=100_000, selector_draws=10_000,
         l2_eps=(0.25, 0.5), linf_eps=(2 / 255, 8 / 255), eval_steps=100, attack_draws=20,
-        attack_median_draws=32, aa_n=500, sanity_n=200, square_queries=5_000),
+        attack_median_draws=32, aa_n=500, sanity_n=200, square_queries=5_000, **_STRENGTH),
     "armor": QUICK["armor"].replace(
         name="paper", n_train=60_000, n_test=10_000, optimizer="sgd", lr=0.1, epochs=10, milestones=(5,),
         armor={"ARMOR_D KL": _KL.replace(ascent_steps=20, ascent_step=0.01),

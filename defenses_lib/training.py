@@ -60,9 +60,16 @@ def atomic_save(obj, path: str | os.PathLike) -> None:
     """Save ``obj`` (torch.save) with a SHA-256 digest of its bytes, atomically (see ``runtime.atomic_write``)."""
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    payload = buffer.getvalue()
+    payload = buffer.getbuffer()   # no copy of the bytes
     header = CHECKPOINT_MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n"
-    atomic_write(path, lambda tmp: Path(tmp).write_bytes(header + payload))
+
+    def write(tmp):
+        """The header, then the payload."""
+        with open(tmp, "wb") as f:
+            f.write(header)
+            f.write(payload)
+
+    atomic_write(path, write)
 
 
 def load_checkpoint(path: str | os.PathLike, device=None) -> dict:

@@ -66,11 +66,12 @@ class Defense:
         return self.evaluate(x[:n], y[:n], {"AutoAttack": aa}, setting=f"{self.name}, AutoAttack")
 
     def sanity_checks(self, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str = "linf", steps: int = 40,
-                      n_queries: int = 1000, seed: int = 0):
+                      n_queries: int = 5000, large_eps: float | None = None, seed: int = 0):
         """The five gradient-masking checks on this defense (see ``evaluation.sanity_checks``)."""
         torch.manual_seed(seed)
-        return sanity_checks(self.model, x, y, eps=eps, norm=norm, steps=steps, n_queries=n_queries,
-                             fixed_model=self.fixed_model, attack_model=self.attack_model, repeats=self.repeats)
+        return sanity_checks(self.model, x, y, eps=eps, norm=norm, steps=steps, large_eps=large_eps,
+                             n_queries=n_queries, fixed_model=self.fixed_model, attack_model=self.attack_model,
+                             repeats=self.repeats)
 
     @property
     def training_seconds(self) -> float:
