@@ -283,8 +283,8 @@ def strength_figure(sweeps: dict, used: tuple[int, int] | None = None, tol: floa
         ax.minorticks_off()
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy under attack (%)")
-    axes[1].legend(fontsize=8)
-    ring = f"rings: the plateau, within {100 * tol:g} points of the strongest, resolved"
+    axes[1].legend(fontsize=8, loc="lower right")
+    ring = f"rings: the plateau, the fewest not shown to be over {100 * tol:g} points weaker than the strongest"
     fig.suptitle(title or f"attack strength ({ring})")
     fig.tight_layout()
     return fig
