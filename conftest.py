@@ -2,14 +2,14 @@
 
 Each file runs whole on one worker (``--dist loadfile``): a chapter's cells in order, in one kernel.
 The files start in the order collected here (``--no-loadscope-reorder``): the chapters first, longest
-first, chapter 6 after the chapters whose models it reuses (1, 2, 4 and 5), so that it loads their
-checkpoints instead of training them again; then the unit test modules fill in around them.
+first, chapter 6 after the chapters whose models it reuses (0, 1, 2, 4 and 5), so that it loads their
+checkpoints instead of training them again (chapter 0, short, goes first so that it is done by then); then the unit test modules fill in around them.
 ``pytest -n 0 --nbval`` runs everything in one process, in the same order.
 """
 
 import os
 
-CHAPTER_ORDER = ("02_atop", "01_ensembles", "04_armor", "05_drsl", "06_comparison", "00_foundations", "03_smoothing")
+CHAPTER_ORDER = ("00_foundations", "02_atop", "01_ensembles", "04_armor", "05_drsl", "06_comparison", "03_smoothing")
 
 
 def pytest_configure(config):

@@ -27,7 +27,8 @@ from .stats import Estimate, accuracy_interval
 
 COMMON = ("dataset", "arch", "n_train", "seed", "augment", "forward_batch")   # what every recipe takes from it
 ATTACK_SETTINGS = ("attack_draws", "score_repeats")     # how randomized defenses are attacked and scored
-CHECKED = {"ensembles": "DLC", "purification": "AToP", "armor": "ARMOR_D KL", "drsl": "DRSL"}  # by its chapter
+CHECKED = {"foundations": "PGD-AT", "ensembles": "DLC", "purification": "AToP", "armor": "ARMOR_D KL",
+           "drsl": "DRSL"}  # the model each chapter runs the sanity checks on
 
 
 def recipe_profile(P, chapter: str) -> Profile:
@@ -101,18 +102,45 @@ def aa_description(P, randomized: bool) -> str:
     return f"AutoAttack ({attacks}{targets}{eot}), {threat_name(P.aa_threat)}, first {P.aa_n} examples"
 
 
+def scored(P, defense: Defense, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The test images a defense is scored on: the first ``P.randomized_n`` for a randomized one
+    (when set; its scoring costs many draws), all of them otherwise."""
+    n = P.randomized_n if defense.randomized and P.randomized_n is not None else len(y)
+    return x[:n], y[:n]
+
+
+def common(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two per-example outcomes on the test images both were scored on (the first ``min(n)``), for a paired test."""
+    n = min(len(a), len(b))
+    return a[:n], b[:n]
+
+
 def evaluate_defense(P, defense: Defense, x: torch.Tensor, y: torch.Tensor) -> dict[str, RobustResult]:
-    """One defense's result at every threat; at ``P.aa_threat`` merged with AutoAttack's on the first
-    ``P.aa_n`` examples (so that threat's worst case is over every attack, on those examples)."""
+    """One defense's result at every threat on the images it is scored on (:func:`scored`); at
+    ``P.aa_threat`` merged with AutoAttack's on the first ``P.aa_n`` of them (so that threat's worst case
+    is over every attack, on those examples), for the seeds of ``P.aa_seeds``."""
     torch.manual_seed(P.seed)
+    x, y = scored(P, defense, x, y)
     out = {}
     for t in P.threats:
         out[threat_name(t)] = defense.evaluate(x, y, threat_attacks(P, t), setting=f"{defense.name}, {threat_name(t)}")
+    if P.aa_seeds is not None and P.seed not in P.aa_seeds:
+        return out
     norm, eps = P.aa_threat
     aa = defense.autoattack(x, y, eps, norm, n=P.aa_n, seed=P.seed, **aa_settings(P, defense.randomized))
     key = threat_name(P.aa_threat)
     out[key] = out[key].merge(aa)
     return out
+
+
+def certify_defense(P, defense: Defense, x: torch.Tensor, y: torch.Tensor) -> tuple:
+    """A smoothed defense's certificates on the images it is scored on (the first ``P.certified_n``, if set),
+    and per radius of ``P.cert_radii`` whether each image is certified there (correct, with a radius at
+    least that)."""
+    x, y = scored(P, defense, x, y)
+    x, y = x[:P.certified_n], y[:P.certified_n]   # all of them when None
+    cert = defense.certify(x)
+    return cert, {r: cert.certified(y, r) for r in P.cert_radii}
 
 
 def detail_table(results: dict[str, dict[str, RobustResult]]) -> dict[str, dict[str, Estimate]]:

@@ -307,7 +307,8 @@ def balanced_subset(dataset, n: int, seed: int = 0):
 
 def chapter_data(P) -> tuple:
     """A chapter's data from its profile: ``P.n_train`` training images and ``P.n_test`` test images
-    (class-balanced subsets seeded by ``P.seed`` and ``P.seed + 1``), the test images as tensors.
+    (class-balanced subsets seeded by ``P.seed`` and ``P.test_seed``, by default ``P.seed + 1``), the test
+    images as tensors.
 
     In estimate mode (see :mod:`defenses_lib.estimate`) a training set larger than the data at hand
     is the largest balanced subset there is, and every training counts as if it had ``P.n_train``.
@@ -318,5 +319,6 @@ def chapter_data(P) -> tuple:
         n_train = int(torch.bincount(full.targets).min()) * len(full.classes)
         estimate.set_data_scale(P.n_train, n_train)
     train_set = balanced_subset(full, n_train, seed=P.seed)
-    x_test, y_test = balanced_subset(load_dataset(P.dataset, "test"), P.n_test, seed=P.seed + 1).tensors()
+    test_seed = P.seed + 1 if P.test_seed is None else P.test_seed
+    x_test, y_test = balanced_subset(load_dataset(P.dataset, "test"), P.n_test, seed=test_seed).tensors()
     return train_set, x_test, y_test

@@ -112,9 +112,9 @@ def duration(seconds: float) -> str:
     return f"{seconds / 86_400:.1f} days"
 
 
-def report(chapter: str, s: dict) -> str:
+def report(chapter: str, s: dict, profile: str = "paper") -> str:
     """The estimate as lines of text."""
-    lines = [f"{chapter}, paper profile: about {duration(s['CPU seconds'])} on this machine's CPU; "
+    lines = [f"{chapter}, {profile} profile: about {duration(s['CPU seconds'])} on this machine's CPU; "
              f"its stages' {sum(v['estimated FLOPs'] for v in s['stages'].values()):.3g} FLOPs take about "
              f"{duration(s['GPU seconds'])} on one GPU sustaining {s['GPU TFLOP/s']:g} TFLOP/s"]
     for kind, v in s["stages"].items():

@@ -1,11 +1,14 @@
 """Every chapter's settings at each scale, as frozen, typed profiles with a line on each field.
 
 ``quick`` runs every chapter on real data on a 2-core CPU in minutes (what strict nbval
-re-executes); ``paper`` is written as its changes from ``quick`` (the papers' scale, for a GPU).
+re-executes); ``reference`` is the quick recipes evaluated at a scale that resolves the chapters'
+claims (1,000 test images, 500 for a randomized defense, the standard AutoAttack), run headless for
+each of three training seeds and stored under ``results/<chapter>/reference/``; ``paper`` is the
+papers' scale, for a GPU. Both are written as their changes from ``quick``.
 A chapter reads its profile with ``get_profile("chapter")``; the profile's name comes from the
-argument, else the ``DEFENSES_PROFILE`` environment variable, else ``quick``. Any field can be
-changed for one run, ``get_profile("armor", seed=1)``; an unknown name or a value of the wrong
-type is an error.
+argument, else the ``DEFENSES_PROFILE`` environment variable, else ``quick``; ``DEFENSES_SEED``
+(set by the runner's ``--seed``) replaces its seed. Any field can be changed for one run,
+``get_profile("armor", seed=1)``; an unknown name or a value of the wrong type is an error.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from .checks import check_choice
 
 PROFILE_ENV = "DEFENSES_PROFILE"
+SEED_ENV = "DEFENSES_SEED"   # the training seed of a run (the runner's --seed)
 
 
 def setting(doc: str, default=MISSING, factory=MISSING):
@@ -93,6 +97,7 @@ class Profile(Settings):
     n_train: int = setting("training images, a class-balanced subset", 6_000)
     n_test: int = setting("test images the attacks are scored on", 200)
     seed: int = setting("seed of the subsets, the initial weights, the batch order and the attacks", 0)
+    test_seed: int | None = setting("seed of the test subset (None: seed + 1)", None)
     batch_size: int = setting("training batch size", 128)
     optimizer: str = setting("'adam' or 'sgd'", "adam")
     lr: float = setting("learning rate", 1e-3)
@@ -332,7 +337,12 @@ class Comparison(Profile):
                                                      (("linf", 0.1), ("linf", 0.3), ("l2", 2.0)))
     attack_draws: int = setting("draws a randomized defense's attacker averages per step", 2)
     score_repeats: int = setting("predictions each example of a randomized defense is scored by", 2)
+    randomized_n: int | None = setting("test images a randomized defense is scored and certified on (None: all)",
+                                       None)
+    certified_n: int | None = setting("test images certified (the first; None: all a defense is scored on)", None)
     aa_threat: tuple[str, float] = setting("(norm, eps) of the AutoAttack cross-check", ("linf", 0.1))
+    aa_seeds: tuple[int, ...] | None = setting("training seeds whose models meet AutoAttack (None: every seed)",
+                                               None)
     aa_version: str = setting("AutoAttack version on deterministic defenses", "custom")
     aa_attacks: tuple[str, ...] | None = setting("its attacks for version 'custom'", ("apgd-ce", "apgd-t"))
     aa_targets: int | None = setting("APGD-T's target classes (None: 9)", 2)
@@ -348,7 +358,7 @@ _ALPHA = _KL.replace(divergence="alpha", order=3.0, budget=0.07, cost_weight=0.2
                      cost_power=1.5, dual_lr=1.6e-3)
 
 QUICK: dict[str, Profile] = {
-    "foundations": Foundations(n_train=12_000, n_test=400, aa_models=("PGD-AT",), sanity_n=100,
+    "foundations": Foundations(n_test=400, aa_models=("PGD-AT",), sanity_n=100,
                                square_queries=500),
     "ensembles": Ensembles(aa_models=("independent", "DLC"), aa_n=60, sanity_n=60, square_queries=500),
     "purification": Purification(n_test=100, curve_eps=(0.0, 0.1, 0.3), aa_n=30, aa_attacks=("apgd-ce", "apgd-dlr"),
@@ -417,7 +427,27 @@ PAPER: dict[str, Profile] = {
         square_queries=5_000),
 }
 
-PROFILES: dict[str, dict[str, Profile]] = {c: {"quick": QUICK[c], "paper": PAPER[c]} for c in QUICK}
+# The quick recipes at a scale that resolves the claims, for each of three training seeds on the same
+# test images (test_seed 1, the quick run's): 1,000 test images, 500 for a randomized defense's costly
+# scoring, the standard AutoAttack; randomized defenses attacked at the plateau chapters 2 and 3 measured.
+_REF = dict(name="reference", test_seed=1)
+_REF_AA = dict(aa_version="standard", aa_attacks=None, aa_targets=None, square_queries=5_000)
+REFERENCE: dict[str, Profile] = {
+    "foundations": QUICK["foundations"].replace(**_REF, **_REF_AA, n_test=1_000, aa_n=1_000, sanity_n=500),
+    "ensembles": QUICK["ensembles"].replace(**_REF, **_REF_AA, n_test=1_000, aa_n=1_000, sanity_n=500,
+                                            curvature_n=1_000, transfer_n=1_000),
+    "purification": QUICK["purification"].replace(**_REF, n_test=500, aa_n=500, sanity_n=200, square_queries=5_000,
+                                                  strength_n=100),
+    "smoothing": QUICK["smoothing"].replace(**_REF, n_test=500, cert_n=10_000, selector_draws=10_000, aa_n=500,
+                                            sanity_n=200, square_queries=5_000, strength_n=100),
+    "armor": QUICK["armor"].replace(**_REF, **_REF_AA, n_test=1_000, aa_n=1_000, sanity_n=500),
+    "drsl": QUICK["drsl"].replace(**_REF, **_REF_AA, n_test=1_000, aa_n=1_000, sanity_n=500),
+    "comparison": QUICK["comparison"].replace(**_REF, **_REF_AA, n_test=1_000, randomized_n=500, certified_n=200,
+                                              aa_n=200, aa_seeds=(0,), sanity_n=200),
+}
+
+PROFILES: dict[str, dict[str, Profile]] = {c: {"quick": QUICK[c], "reference": REFERENCE[c], "paper": PAPER[c]}
+                                           for c in QUICK}
 
 
 def register_profiles(chapter: str, **profiles: Profile) -> None:
@@ -428,13 +458,24 @@ def register_profiles(chapter: str, **profiles: Profile) -> None:
 
 
 def get_profile(chapter: str, name: str | None = None, **changes) -> Profile:
-    """``chapter``'s profile ``name`` (default: $DEFENSES_PROFILE, else 'quick'), with ``changes``."""
+    """``chapter``'s profile ``name`` (default: $DEFENSES_PROFILE, else 'quick'), with ``changes``
+    (the seed, unless given, from $DEFENSES_SEED when it is set)."""
     name = name or os.environ.get(PROFILE_ENV, "quick")
     check_choice("chapter", chapter, sorted(PROFILES))
     check_choice("profile", name, sorted(PROFILES[chapter]))
+    if os.environ.get(SEED_ENV):
+        changes.setdefault("seed", _seed_from_env())
     if name == "paper":
         _warn_on_a_cpu(chapter)
     return PROFILES[chapter][name].replace(**changes)
+
+
+def _seed_from_env() -> int:
+    """The training seed $DEFENSES_SEED names (a non-negative integer)."""
+    value = os.environ[SEED_ENV]
+    if not value.isdigit():
+        raise ValueError(f"{SEED_ENV} must be a non-negative integer, got {value!r}")
+    return int(value)
 
 
 def _warn_on_a_cpu(chapter: str) -> None:

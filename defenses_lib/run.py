@@ -3,6 +3,7 @@
     python -m defenses_lib.run armor --profile paper --out runs/armor-paper
     torchrun --nproc_per_node=4 -m defenses_lib.run armor --profile paper    # 4 GPUs, DDP
     python -m defenses_lib.run armor --profile paper --estimate              # what a whole run costs
+    python -m defenses_lib.run armor --profile reference --seed 1 --store    # one seed of a reference run
 
 Executes the chapter's notebook, cell by cell, in a fresh kernel with ``DEFENSES_PROFILE`` set to
 the profile, and writes to the output folder:
@@ -13,6 +14,13 @@ the profile, and writes to the output folder:
 - ``metrics.json``: the profile, versions, commit and device; each cell's time and error, if any;
   every model trained (recipe, epochs, time), every evaluation (setting, attacks, accuracies,
   times) and every sanity-check report, as the library recorded them while the notebook ran.
+
+With ``--seed N`` the kernel gets ``DEFENSES_SEED=N``, which replaces the profile's training seed
+(see :mod:`defenses_lib.profiles`). With ``--store`` what the chapter hands over with
+``reference.keep(...)`` (its per-example outcomes) is written, with the command, the commit, the
+machine and the wall time, to ``results/<chapter>/<profile>/seed-<N>.json`` (see
+:mod:`defenses_lib.reference`), once every cell has run (a failed claim does not stop it; a broken cell
+does); the library and the chapters must be committed, since the file cites the commit.
 
 Running the same command again resumes: models whose checkpoints are complete are loaded, an
 interrupted training continues from its last finished epoch, and every evaluation that finished is
@@ -51,7 +59,8 @@ from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError, DeadKernelError
 
 from . import estimate
-from .profiles import PROFILE_ENV, PROFILES
+from . import reference
+from .profiles import PROFILE_ENV, PROFILES, SEED_ENV
 from .runtime import METRICS_ENV, PROGRESS_ENV, atomic_write, progress
 from .training import RUNS_ENV
 
@@ -61,8 +70,9 @@ CHAPTERS = {"foundations": "00_foundations.ipynb", "ensembles": "01_ensembles.ip
             "comparison": "06_comparison.ipynb"}
 
 
-def chapter_notebook(chapter: str, book: Path = BOOK) -> Path:
-    """The notebook of a chapter given by name (``armor``) or number (``4``)."""
+def chapter_notebook(chapter: str, book: Path | None = None) -> Path:
+    """The notebook of a chapter given by name (``armor``) or number (``4``), in ``book`` (default: the book's)."""
+    book = book or BOOK
     names = list(CHAPTERS)
     if chapter.isdigit() and int(chapter) < len(names):
         chapter = names[int(chapter)]
@@ -133,12 +143,16 @@ def write_metrics(out: Path, metrics: dict, log: Path) -> dict:
 
 
 def run_notebook(notebook: Path, out: Path, profile: str, cwd: Path, writes: bool = True,
-                 estimating: bool = False) -> dict:
-    """Execute ``notebook`` cell by cell with ``profile``, writing into ``out`` when ``writes``
-    (in estimate mode with ``estimating``); returns the metrics."""
+                 estimating: bool = False, seed: int | None = None, store: tuple[Path, dict] | None = None) -> dict:
+    """Execute ``notebook`` cell by cell with ``profile`` (and training ``seed``, if given), writing into
+    ``out`` when ``writes`` (in estimate mode with ``estimating``); with ``store`` = (path, about), what the
+    chapter kept is stored there once every cell has run. Returns the metrics."""
     nb = nbformat.read(notebook, as_version=4)
     log = out / "records.jsonl"
     env = dict(os.environ, **{PROFILE_ENV: profile, RUNS_ENV: str(out / "checkpoints"), PROGRESS_ENV: "terminal"})
+    env.pop(SEED_ENV, None)
+    if seed is not None:
+        env[SEED_ENV] = str(seed)
     env.pop(estimate.ENV, None)
     if estimating:
         env[estimate.ENV] = "1"
@@ -174,6 +188,13 @@ def run_notebook(notebook: Path, out: Path, profile: str, cwd: Path, writes: boo
     if not writes:
         return dict(metrics, trainings=[], evaluations=[], sanity_checks=[])
     metrics = write_metrics(out, metrics, log)
+    broken = [e for e in metrics["errors"] if not e["error"].startswith("AssertionError")]
+    if store is not None and not broken:
+        path, about = store
+        failed = [e["cell"] for e in metrics["errors"]]
+        metrics["stored"] = str(reference.store(path, {**about, "commit": metrics["commit"], "torch": metrics["torch"],
+                                                       "started": metrics["started"], "seconds": metrics["seconds"],
+                                                       "cells with failed claims": failed}, read_records(log)))
     log.unlink(missing_ok=True)
     return metrics
 
@@ -188,7 +209,7 @@ def write_estimate(args, notebook: Path, out: Path, metrics: dict) -> int:
               "command": f"python -m defenses_lib.run {chapter} --profile {args.profile} --estimate",
               "estimate run seconds": metrics["seconds"], "cells failed": failed, "summary": summary}
     (out / "estimate.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(estimate.report(chapter, summary))
+    print(estimate.report(chapter, summary, args.profile))
     if failed:
         print(f"  (cells {failed} failed in the estimate run: the estimate leaves out what they would have run)")
     return 0 if metrics["estimates"] else 1
@@ -203,6 +224,9 @@ def main(argv=None) -> int:
     parser.add_argument("--notebook", type=Path, help="run this notebook instead of a chapter's")
     parser.add_argument("--estimate", action="store_true",
                         help="estimate what the whole run costs from a few steps of each stage")
+    parser.add_argument("--seed", type=int, help="training seed (default: the profile's)")
+    parser.add_argument("--store", action="store_true",
+                        help="store what the chapter keeps in results/<chapter>/<profile>/seed-<seed>.json")
     parser.add_argument("--gpu-tflops", type=float, default=25.0,
                         help="sustained TFLOP/s of the GPU the estimate is for (default 25)")
     args = parser.parse_args(argv)
@@ -219,11 +243,15 @@ def main(argv=None) -> int:
         parser.error(f"--notebook {notebook} is not a file")
     if not args.gpu_tflops > 0:
         parser.error(f"--gpu-tflops must be > 0, got {args.gpu_tflops}")
-    suffix = "-estimate" if args.estimate else ""
+    if args.seed is not None and args.seed < 0:
+        parser.error(f"--seed must be a non-negative integer, got {args.seed}")
+    store = store_target(parser, args) if args.store else None
+    suffix = ("-estimate" if args.estimate else "") + (f"-seed-{args.seed}" if args.seed is not None else "")
     out = (args.out or Path("runs") / f"{notebook.stem}-{args.profile}{suffix}").resolve()
     is_main = int(os.environ.get("RANK", "0")) == 0  # under torchrun, only the first process writes
     metrics = run_notebook(notebook.resolve(), out, args.profile, cwd=BOOK.parent if args.notebook is None
-                           else notebook.resolve().parent, writes=is_main, estimating=args.estimate)
+                           else notebook.resolve().parent, writes=is_main, estimating=args.estimate, seed=args.seed,
+                           store=store if is_main else None)
     if args.estimate and is_main:
         return write_estimate(args, notebook, out, metrics)
     if is_main:
@@ -232,7 +260,38 @@ def main(argv=None) -> int:
               f"{len(metrics['errors'])} cell(s) failed; results in {out}")
         for e in metrics["errors"]:
             print(f"  cell {e['cell']}: {e['error']}")
+        if store is not None:
+            print(f"stored: {metrics['stored']}" if "stored" in metrics else "nothing stored: a cell broke")
     return 1 if metrics["errors"] else 0
+
+
+def uncommitted() -> str:
+    """What differs from the commit in the library and the chapters ('' if nothing; the error outside git)."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "defenses_lib", "book"],
+                             capture_output=True, text=True, check=True, cwd=BOOK.parent)
+    except (OSError, subprocess.CalledProcessError) as e:
+        return f"not a git clone ({e})"
+    return "; ".join(out.stdout.split("\n")).strip("; ")
+
+
+def store_target(parser, args) -> tuple[Path, dict]:
+    """Where ``--store`` writes and what it says about the run; refuses a run it could not cite."""
+    if args.chapter is None or args.estimate:
+        parser.error("--store needs a chapter (not --notebook) and a real run (not --estimate)")
+    chapter = next(c for c, f in CHAPTERS.items() if f == chapter_notebook(args.chapter).name)
+    dirty = uncommitted()
+    if dirty:
+        parser.error(f"--store needs the library and the chapters committed (the stored run cites the commit): "
+                     f"{dirty}")
+    seed = args.seed if args.seed is not None else PROFILES[chapter][args.profile].seed
+    threads = os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())
+    about = {"chapter": chapter, "profile": args.profile, "seed": seed,
+             "command": f"python -m defenses_lib.run {chapter} --profile {args.profile} --seed {seed} --store",
+             "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, {threads} threads, "
+                        f"{torch.cuda.device_count()} GPUs",
+             "python": platform.python_version()}
+    return reference.path_of(chapter, args.profile, seed), about
 
 
 if __name__ == "__main__":

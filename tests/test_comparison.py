@@ -24,7 +24,7 @@ from defenses_lib.runtime import count_flops
 from defenses_lib.training import fit, train_each
 
 
-@pytest.mark.parametrize("name", ["quick", "paper"])
+@pytest.mark.parametrize("name", ["quick", "reference", "paper"])
 def test_recipe_profiles_take_only_the_common_and_attack_settings(name):
     P = get_profile("comparison", name)
     for chapter in ("foundations", "ensembles", "purification", "smoothing", "armor", "drsl"):
@@ -34,11 +34,11 @@ def test_recipe_profiles_take_only_the_common_and_attack_settings(name):
         assert set(Q.changes(own)) <= allowed, chapter
 
 
-def test_chapters_1_2_4_5_recipes_are_the_chapters_own_in_the_quick_profile():
+def test_chapters_0_1_2_4_5_recipes_are_the_chapters_own_in_the_quick_profile():
     """So their checkpoints (named by the recipe's hash) are shared with those chapters."""
     P = get_profile("comparison", "quick")
     assert [c for c in PROFILES if c != "comparison" and is_chapters_own(P, c)] == [
-        "ensembles", "purification", "armor", "drsl"]
+        "foundations", "ensembles", "purification", "armor", "drsl"]
 
 
 def test_a_fit_with_the_same_recipe_in_the_same_chapter_folder_is_loaded(tmp_path, monkeypatch, capsys):

@@ -17,10 +17,10 @@ from defenses_lib.defenses import armor, build
 from defenses_lib.profiles import PAPER, PROFILES, QUICK, get_profile
 
 
-def test_every_chapter_has_both_profiles_of_one_type_and_every_field_is_described():
+def test_every_chapter_has_its_three_profiles_of_one_type_and_every_field_is_described():
     for chapter, profiles in PROFILES.items():
-        assert set(profiles) == {"quick", "paper"}, chapter
-        assert type(profiles["quick"]) is type(profiles["paper"]), chapter
+        assert set(profiles) == {"quick", "reference", "paper"}, chapter
+        assert type(profiles["quick"]) is type(profiles["paper"]) is type(profiles["reference"]), chapter
         assert all(doc for doc in profiles["quick"].docs().values()), f"{chapter}: a field without a description"
 
 

@@ -1,0 +1,154 @@
+"""Stored runs: what a chapter keeps round-trips exactly, the runner stores one seed's run, the reference
+profiles keep the quick recipes on the same test images."""
+
+import json
+
+import nbformat
+import pytest
+import torch
+
+from defenses_lib import reference, run
+from defenses_lib.comparison import common, is_chapters_own, scored
+from defenses_lib.defenses.base import Defense
+from defenses_lib.evaluation import RobustResult
+from defenses_lib.profiles import PROFILES, SEED_ENV, get_profile
+from defenses_lib.runtime import METRICS_ENV
+
+
+def example_result() -> RobustResult:
+    g = torch.Generator().manual_seed(0)
+    return RobustResult({"clean": torch.rand(37, generator=g) > 0.3, "PGD": torch.rand(37, generator=g) > 0.6,
+                         "EOT": torch.randint(0, 5, (37,), generator=g) / 4}, {"PGD": 1.5}, "toy, l_inf 0.1")
+
+
+def test_kept_values_round_trip_exactly_with_their_key_types():
+    r = example_result()
+    value = {"results": {"toy": {"l_inf 0.1": r}}, "certified": {"toy": {0.25: r.correct["PGD"]}},
+             "costs": [{"seconds": 2.5, "stages": "standard 2"}, None, 3, "x"]}
+    back = reference.decode(json.loads(json.dumps(reference.encode(value))))
+    got = back["results"]["toy"]["l_inf 0.1"]
+    assert isinstance(got, RobustResult) and got.setting == r.setting and got.seconds == r.seconds
+    for k, v in r.correct.items():
+        assert got.correct[k].dtype == (torch.bool if v.dtype == torch.bool else torch.float32)
+        assert torch.equal(got.correct[k], v if v.dtype == torch.bool else v.float()), k
+    assert list(back["certified"]["toy"]) == [0.25], "a float key stays a float"
+    assert back["costs"] == [{"seconds": 2.5, "stages": "standard 2"}, None, 3, "x"]
+
+
+def test_bits_are_packed():
+    bits = reference.encode(torch.ones(1000, dtype=torch.bool))
+    assert len(bits["bits"]) <= 4 * 125 // 3 + 4, "1,000 outcomes in 125 bytes"
+
+
+def test_an_unknown_type_or_tag_is_named():
+    with pytest.raises(TypeError, match="got a set"):
+        reference.encode({1, 2})
+    with pytest.raises(ValueError, match="tagged with one of"):
+        reference.decode({"pickle": "..."})
+
+
+def test_keep_records_for_the_runner_only(tmp_path, monkeypatch):
+    monkeypatch.delenv(METRICS_ENV, raising=False)
+    reference.keep(x=1)   # outside a runner: nothing, and no error
+    log = tmp_path / "records.jsonl"
+    monkeypatch.setenv(METRICS_ENV, str(log))
+    reference.keep(results={"a": torch.tensor([True, False])})
+    [line] = log.read_text().splitlines()
+    assert json.loads(line)["kind"] == reference.KIND and json.loads(line)["name"] == "results"
+
+
+def test_store_and_load_by_seed(tmp_path):
+    for seed in (2, 0):
+        records = [{"kind": reference.KIND, "name": "acc", "value": reference.encode(torch.tensor([seed > 0]))},
+                   {"kind": "evaluation", "name": "ignored"}]
+        reference.store(reference.path_of("armor", "reference", seed, tmp_path), {"seed": seed, "commit": "c"},
+                        records)
+    runs = reference.load("armor", results=tmp_path)
+    assert [r.seed for r in runs] == [0, 2] and runs[1]["acc"].tolist() == [True]
+    assert runs[0].about["commit"] == "c" and set(runs[0].kept) == {"acc"}
+    with pytest.raises(KeyError, match="kept \\['acc'\\], not 'results'"):
+        runs[0]["results"]
+    assert reference.load("armor", "paper", results=tmp_path) == []
+
+
+def test_pooled_averages_seeds_on_the_same_images():
+    a, b = torch.tensor([True, False, True]), torch.tensor([True, True, False])
+    assert reference.pooled([a, b]).tolist() == [1.0, 0.5, 0.5]
+    with pytest.raises(ValueError, match="same test images"):
+        reference.pooled([a, b[:2]])
+
+
+CHAPTER = [
+    "from defenses_lib.profiles import get_profile\nfrom defenses_lib.reference import keep\nimport torch\n"
+    "P = get_profile('foundations')\nprint(P.name, P.seed)",
+    "keep(outcomes=torch.arange(4) < P.seed)",
+    "assert P.seed < 0, 'a claim that fails at this scale'",
+]
+
+
+@pytest.fixture
+def toy_book(tmp_path, monkeypatch):
+    """A book whose chapter 0 is a three-cell notebook, and a results folder, both under tmp_path."""
+    (tmp_path / "book").mkdir()
+    cells = [nbformat.v4.new_code_cell(c) for c in CHAPTER]
+    nbformat.write(nbformat.v4.new_notebook(cells=cells), tmp_path / "book" / run.CHAPTERS["foundations"])
+    monkeypatch.setattr(run, "BOOK", tmp_path / "book")
+    monkeypatch.setattr(reference, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(run, "uncommitted", lambda: "")
+    return tmp_path
+
+
+def test_the_runner_stores_one_seed_of_a_reference_run(toy_book):
+    out = toy_book / "out"
+    assert run.main(["foundations", "--profile", "reference", "--seed", "3", "--store", "--out", str(out)]) == 1
+    executed = nbformat.read(out / run.CHAPTERS["foundations"], as_version=4)
+    assert executed.cells[0].outputs[0].text == "reference 3\n", "the seed reached the kernel"
+    [stored] = reference.load("foundations", results=toy_book / "results")
+    assert stored.seed == 3 and stored["outcomes"].tolist() == [True, True, True, False]
+    assert stored.about["command"] == "python -m defenses_lib.run foundations --profile reference --seed 3 --store"
+    assert stored.about["cells with failed claims"] == [2] and stored.about["seconds"] > 0
+    assert "CPUs" in stored.about["machine"] and stored.about["commit"]
+
+
+def test_store_refuses_uncommitted_code_and_a_notebook(toy_book, monkeypatch, capsys):
+    monkeypatch.setattr(run, "uncommitted", lambda: "M defenses_lib/attacks.py")
+    with pytest.raises(SystemExit):
+        run.main(["foundations", "--profile", "reference", "--store"])
+    assert "M defenses_lib/attacks.py" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run.main(["--notebook", str(toy_book / "book" / run.CHAPTERS["foundations"]), "--store"])
+    assert "--store needs a chapter" in capsys.readouterr().err
+    assert not (toy_book / "results").exists()
+
+
+def test_the_seed_comes_from_the_environment(monkeypatch):
+    monkeypatch.setenv(SEED_ENV, "2")
+    assert get_profile("armor").seed == 2 and get_profile("armor", seed=5).seed == 5
+    monkeypatch.setenv(SEED_ENV, "two")
+    with pytest.raises(ValueError, match="DEFENSES_SEED must be a non-negative integer, got 'two'"):
+        get_profile("armor")
+
+
+@pytest.mark.parametrize("chapter", sorted(PROFILES))
+def test_reference_profiles_score_many_images_on_the_quick_test_seed(chapter):
+    quick, ref = get_profile(chapter, "quick"), get_profile(chapter, "reference")
+    assert ref.test_seed == quick.seed + 1, "seed 0 of the reference scores the quick run's test images"
+    assert ref.n_test >= (500 if chapter in ("purification", "smoothing") else 1_000)
+    assert ref.seed == quick.seed and ref.n_train == quick.n_train and ref.arch == quick.arch
+
+
+def test_the_comparison_at_reference_scale_reuses_the_chapters_models():
+    P = get_profile("comparison", "reference")
+    assert [c for c in PROFILES if c != "comparison" and is_chapters_own(P, c)] == [
+        "foundations", "ensembles", "purification", "armor", "drsl"]
+
+
+def test_a_randomized_defense_is_scored_on_the_first_randomized_n():
+    P = get_profile("comparison", "reference")
+    x, y = torch.rand(P.n_test, 1, 2, 2), torch.arange(P.n_test) % 10
+    model = torch.nn.Flatten()
+    det = Defense("d", model)
+    rand = Defense("r", model, randomized=True, fixed_model=model)
+    assert len(scored(P, det, x, y)[1]) == P.n_test and len(scored(P, rand, x, y)[1]) == P.randomized_n
+    a, b = common(torch.ones(5), torch.zeros(3))
+    assert len(a) == len(b) == 3
