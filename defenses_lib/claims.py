@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from .runtime import record
 from .stats import (Estimate, Proportion, accuracy_interval, mcnemar, outcomes, paired_difference,
-                    paired_mean_difference, proportion_interval, ratio_interval, unpaired_difference)
+                    paired_mean_difference, pooled, proportion_interval, ratio_interval, unpaired_difference)
 from .checks import check_choice
 
 RESOLVED, CONTRADICTED, EXACT_FAILED = "resolved", "contradicted", "fails"
@@ -140,6 +140,50 @@ class Claims:
             verdict = f"not resolved at n = {est.n}"
         words = "; ".join(w for w in (est.method, test, f"within +-{100 * delta:g} points") if w)
         return self._add(statement, _points(est), est.n, words, verdict, expect)
+
+    def greater_over_seeds(self, statement: str, a_seeds, b_seeds, margin: float = 0.0,
+                           expect: str = "resolved") -> Claim:
+        """Claim over training seeds: a exceeds b (per seed: outcomes on the same images, or a fixed value) by
+        more than margin, on the per-image outcomes averaged over the seeds and in every seed."""
+        return self._over_seeds(statement, a_seeds, b_seeds, "above", margin, expect)
+
+    def less_over_seeds(self, statement: str, a_seeds, b_seeds, margin: float = 0.0,
+                        expect: str = "resolved") -> Claim:
+        """Claim over training seeds: a is below b by more than margin, pooled over the seeds and in every seed."""
+        return self._over_seeds(statement, a_seeds, b_seeds, "below", margin, expect)
+
+    def within_over_seeds(self, statement: str, a_seeds, b_seeds, delta: float, expect: str = "resolved") -> Claim:
+        """Claim over training seeds: a and b differ by less than delta, pooled over the seeds and in every seed."""
+        if not delta > 0:
+            raise ValueError(f"delta must be > 0, got {delta!r}")
+        return self._over_seeds(statement, a_seeds, b_seeds, "within", delta, expect)
+
+    def _over_seeds(self, statement: str, a_seeds, b_seeds, side: str, margin: float, expect: str) -> Claim:
+        """The pooled claim's verdict, kept only if every seed's own point estimate agrees with it."""
+        b_list = [b_seeds] * len(a_seeds) if _is_value(b_seeds) else list(b_seeds)
+        if not len(a_seeds) or len(b_list) != len(a_seeds):
+            raise ValueError(f"a_seeds and b_seeds must hold one outcome per seed each, got {len(a_seeds)} and "
+                             f"{len(b_list)}")
+        b_pooled = b_seeds if _is_value(b_seeds) else pooled(b_list)
+        claim = {"above": self.greater, "below": self.less}.get(side, self.within)
+        pooled_claim = claim(statement, pooled(a_seeds), b_pooled, margin, expect=expect)
+        self.claims.pop()
+        per_seed = [float(outcomes(a).mean()) - (b if _is_value(b) else float(outcomes(b).mean()))
+                    for a, b in zip(a_seeds, b_list)]
+        agrees = {"above": lambda d: d > margin, "below": lambda d: d < -margin,
+                  "within": lambda d: abs(d) < margin}[side]
+        verdict = pooled_claim.verdict
+        if verdict == RESOLVED and not all(agrees(d) for d in per_seed):
+            verdict = f"not resolved: the {len(per_seed)} seeds disagree"
+        elif verdict == CONTRADICTED and any(agrees(d) for d in per_seed):
+            verdict = f"not resolved: the {len(per_seed)} seeds disagree"
+        if _is_value(b_seeds):   # each seed's accuracy
+            seeds = ", ".join(f"{100 * (d + b_seeds):.1f}" for d in per_seed) + "%"
+        else:                    # each seed's difference
+            seeds = ", ".join(f"{100 * d:+.1f}" for d in per_seed) + " points"
+        return self._add(statement, f"{pooled_claim.estimate}; per seed {seeds}", pooled_claim.n,
+                         f"{pooled_claim.test}; per-image mean over {len(per_seed)} seeds, each seed on the same "
+                         "side", verdict, expect)
 
     def mean_less(self, statement: str, a, b, expect: str = "resolved") -> Claim:
         """Claim: a real-valued measurement (curvature, a cosine) is smaller on average under a than under b,

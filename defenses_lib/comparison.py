@@ -117,8 +117,9 @@ def common(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 def evaluate_defense(P, defense: Defense, x: torch.Tensor, y: torch.Tensor) -> dict[str, RobustResult]:
     """One defense's result at every threat on the images it is scored on (:func:`scored`); at
-    ``P.aa_threat`` merged with AutoAttack's on the first ``P.aa_n`` of them (so that threat's worst case
-    is over every attack, on those examples), for the seeds of ``P.aa_seeds``."""
+    ``P.aa_threat`` merged with AutoAttack's (so that threat's worst case is over every attack), for the
+    seeds of ``P.aa_seeds``. When AutoAttack runs on fewer images (the first ``P.aa_n``), the merged result
+    is a threat of its own, "<threat> + AutoAttack (first <n>)", and the threat's keeps every image."""
     torch.manual_seed(P.seed)
     x, y = scored(P, defense, x, y)
     out = {}
@@ -129,7 +130,10 @@ def evaluate_defense(P, defense: Defense, x: torch.Tensor, y: torch.Tensor) -> d
     norm, eps = P.aa_threat
     aa = defense.autoattack(x, y, eps, norm, n=P.aa_n, seed=P.seed, **aa_settings(P, defense.randomized))
     key = threat_name(P.aa_threat)
-    out[key] = out[key].merge(aa)
+    if aa.n >= out[key].n:
+        out[key] = out[key].merge(aa)
+    else:   # AutoAttack on a prefix: beside the threat's own result, which keeps every image
+        out[f"{key} + AutoAttack (first {aa.n})"] = out[key].merge(aa)
     return out
 
 

@@ -22,6 +22,7 @@ import torch
 
 from .evaluation import RobustResult
 from .runtime import record
+from .stats import pooled  # noqa: F401  (re-exported: the seeds of a stored run, averaged per image)
 
 KIND = "outcomes"                  # the runner's record kind of what keep() hands it
 RESULTS = Path(__file__).resolve().parent.parent / "results"   # the repository's results folder
@@ -118,11 +119,3 @@ def load(chapter: str, profile: str = "reference", results: Path | None = None) 
         kept = {name: decode(v) for name, v in data.pop("kept").items()}
         runs.append(StoredRun(int(data["seed"]), data, kept))
     return sorted(runs, key=lambda r: r.seed)
-
-
-def pooled(per_seed: list[torch.Tensor]) -> torch.Tensor:
-    """Per-example outcomes averaged over training seeds (the same test images in each), as floats."""
-    lengths = {len(t) for t in per_seed}
-    if len(lengths) != 1:
-        raise ValueError(f"per_seed must hold outcomes on the same test images, got lengths {sorted(lengths)}")
-    return torch.stack([t.float() for t in per_seed]).mean(0)

@@ -260,6 +260,14 @@ def ratio_interval(times_a, times_b, level: float = 0.95) -> Estimate:
                     scale=1.0, digits=2)
 
 
+def pooled(per_seed) -> torch.Tensor:
+    """Per-example outcomes averaged over training seeds (the same test images in each), as floats."""
+    lengths = {len(t) for t in per_seed}
+    if len(lengths) != 1:
+        raise ValueError(f"per_seed must hold outcomes on the same test images, got lengths {sorted(lengths)}")
+    return torch.stack([torch.as_tensor(t).float() for t in per_seed]).mean(0)
+
+
 def seed_summary(values, level: float = 0.95) -> dict:
     """Mean, standard deviation and a t interval for the mean of one number measured over training seeds."""
     _check_level(level)

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from defenses_lib import claims
 from defenses_lib.claims import Claims
 from defenses_lib.stats import Proportion
 
@@ -105,3 +106,27 @@ def test_the_report_shows_every_claim():
 def test_bad_input(call, match):
     with pytest.raises(ValueError, match=match):
         call(Claims())
+
+
+def test_a_claim_over_seeds_needs_the_pooled_interval_and_every_seed():
+    g = torch.Generator().manual_seed(0)
+    base = torch.rand(3, 600, generator=g)
+    a = [base[s] < 0.8 for s in range(3)]          # about 80% in each seed
+    b = [base[s] < 0.6 for s in range(3)]          # about 60%: below a on every image
+    c = claims.Claims()
+    assert c.greater_over_seeds("a above b", a, b).verdict == claims.RESOLVED
+    assert c.less_over_seeds("a below b", a, b).verdict == claims.CONTRADICTED
+    assert c.greater_over_seeds("a above chance", a, 0.1).verdict == claims.RESOLVED
+    assert "per seed" in c.claims[0].estimate and c.claims[0].n == 600
+    assert c.within_over_seeds("a within 6 points of itself", a, a, 0.06).verdict == claims.RESOLVED
+    with pytest.raises(ValueError, match="one outcome per seed"):
+        c.greater_over_seeds("x", a, b[:2])
+
+
+def test_one_disagreeing_seed_stops_a_pooled_claim():
+    ones, zeros = torch.ones(400, dtype=torch.bool), torch.zeros(400, dtype=torch.bool)
+    a = [ones, ones, zeros[:400] | (torch.arange(400) < 100)]     # 100%, 100%, 25%
+    b = [zeros | (torch.arange(400) < 200)] * 3                    # 50% in each seed
+    c = claims.Claims()
+    assert c.greater("pooled alone", claims.pooled(a), claims.pooled(b)).verdict == claims.RESOLVED
+    assert c.greater_over_seeds("over seeds", a, b).verdict == "not resolved: the 3 seeds disagree"

@@ -73,7 +73,7 @@ def test_store_and_load_by_seed(tmp_path):
 
 def test_pooled_averages_seeds_on_the_same_images():
     a, b = torch.tensor([True, False, True]), torch.tensor([True, True, False])
-    assert reference.pooled([a, b]).tolist() == [1.0, 0.5, 0.5]
+    assert reference.pooled([a, b]).tolist() == [1.0, 0.5, 0.5]   # (stats.pooled)
     with pytest.raises(ValueError, match="same test images"):
         reference.pooled([a, b[:2]])
 
