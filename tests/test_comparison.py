@@ -219,7 +219,11 @@ def test_a_sixth_defense_joins_the_comparison_through_the_public_interface(tmp_p
     assert list(defenses) == ["standard", "noise"] and defenses["noise"].randomized
     results = {n: evaluate_defense(P, d, x, y) for n, d in defenses.items()}
     detail = detail_table(results)
-    assert {"clean", "l_inf 0.1: CE-PGD-2", "l_inf 0.1: AutoAttack", "l_inf 0.1: worst case"} <= set(detail["noise"])
+    aa_rows = {"l_inf 0.1 + AutoAttack (first 4): AutoAttack", "l_inf 0.1 + AutoAttack (first 4): worst case"}
+    assert {"clean", "l_inf 0.1: CE-PGD-2", "l_inf 0.1: worst case"} | aa_rows <= set(detail["noise"])
+    assert results["noise"]["l_inf 0.1"].n == 10, "AutoAttack on a prefix leaves the threat's own result whole"
+    whole = evaluate_defense(P.replace(aa_n=10), defenses["standard"], x, y)
+    assert list(whole) == ["l_inf 0.1"] and "AutoAttack" in whole["l_inf 0.1"].correct, "on every image: merged"
     spent = costs(P, defenses, x, y)
     summary = summary_table(results, {}, spent, P.cert_radii)
     assert summary["noise"]["certified, l_2 r = 0.25"] == "–" and spent["noise"]["forward passes"] == pytest.approx(2)
@@ -259,8 +263,9 @@ def paper_recipes_a_few_steps(data_root, paper_profile):
     spent = costs(P, defenses, x, y)
     for name, d in defenses.items():
         res = evaluate_defense(P, d, x, y)
-        assert set(res) == {threat_name(t) for t in P.threats}, name
-        assert "AutoAttack" in res[threat_name(P.aa_threat)].correct
+        with_aa = f"{threat_name(P.aa_threat)} + AutoAttack (first 1)"   # aa_n = 1 of the 2 images
+        assert set(res) == {threat_name(t) for t in P.threats} | {with_aa}, name
+        assert "AutoAttack" in res[with_aa].correct and res[threat_name(P.aa_threat)].n == 2
         assert spent[name]["standard epochs"] > 0 and spent[name]["forward passes"] >= 1 - 1e-6
         if d.certify is not None:
             assert d.certify(x).radius.shape == (2,)
