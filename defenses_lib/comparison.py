@@ -23,7 +23,7 @@ from .defenses.baselines import CrossEntropy
 from .evaluation import RobustResult, predict
 from .profiles import Profile, get_profile
 from .runtime import count_flops, progress, timeit
-from .stats import Estimate, accuracy_interval
+from .stats import Estimate, accuracy_interval, over_seeds
 
 COMMON = ("dataset", "arch", "n_train", "seed", "augment", "forward_batch")   # what every recipe takes from it
 ATTACK_SETTINGS = ("attack_draws", "score_repeats")     # how randomized defenses are attacked and scored
@@ -168,6 +168,22 @@ def summary_table(results, certified: dict, costs: dict, radii) -> dict[str, dic
                     else "–" for r in radii})
         row["training (standard epochs)"] = costs[name]["standard epochs"]
         row["prediction (forward passes)"] = costs[name]["forward passes"]
+        table[name] = row
+    return table
+
+
+def reference_table(runs, radii) -> dict[str, dict]:
+    """:func:`summary_table`'s accuracies over the stored training seeds (``reference.load``): per defense,
+    clean, the worst case at each threat and certified accuracy, each an OverSeeds on the images every
+    seed scored."""
+    table = {}
+    for name in runs[0]["results"]:
+        res = [run["results"][name] for run in runs]
+        row = {"clean": over_seeds([next(iter(r.values())).correct["clean"] for r in res])}
+        row.update({f"worst case, {t}": over_seeds([r[t].worst_case for r in res if t in r]) for t in res[0]})
+        certified = [run["certified"].get(name) for run in runs]
+        row.update({f"certified, l_2 r = {r:g}": over_seeds([c[r] for c in certified]) if certified[0] else "–"
+                    for r in radii})
         table[name] = row
     return table
 

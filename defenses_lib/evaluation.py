@@ -22,7 +22,7 @@ from .cache import cached
 from .attacks import EOT, check_eps, check_inputs, eval_mode, fgsm, log_mean_softmax, pgd, with_draws
 from .checks import check_choice, check_int, check_number
 from .runtime import model_device, progress, record
-from .stats import Estimate, accuracy_interval
+from .stats import Estimate, OverSeeds, accuracy_interval
 
 
 WORST = "worst case"   # the row of a result that takes, per example, the worst over every row
@@ -361,12 +361,17 @@ def _cell(v, digits: int) -> str:
     if isinstance(v, Estimate):
         interval = f"[{v.shown(v.low)}, {v.shown(v.high)}]"
         return f"<td>{v.shown(v.value)}<br><small style='white-space:nowrap'>{interval}</small></td>"
+    if isinstance(v, OverSeeds):
+        p, sd = v.pooled, f"sd {100 * v.sd:.1f}" if len(v.per_seed) > 1 else "1 seed"
+        return (f"<td>{p.shown(p.value)}<br><small style='white-space:nowrap'>[{p.shown(p.low)}, "
+                f"{p.shown(p.high)}]<br>{sd}</small></td>")
     return f"<td>{html.escape(str(v))}</td>"
 
 
 def table_html(rows: dict[str, dict[str, float]], caption: str = "", digits: int = 1) -> str:
     """A small HTML table from {row: {column: value}}; a NaN shows as a dash (not defined), an
-    :class:`~defenses_lib.stats.Estimate` as its value and 95% interval."""
+    :class:`~defenses_lib.stats.Estimate` as its value and 95% interval, an
+    :class:`~defenses_lib.stats.OverSeeds` as its pooled value, interval and the seeds' spread."""
     cols = list(dict.fromkeys(c for r in rows.values() for c in r))
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
     body = "".join(

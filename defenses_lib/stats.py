@@ -268,6 +268,30 @@ def pooled(per_seed) -> torch.Tensor:
     return torch.stack([torch.as_tensor(t).float() for t in per_seed]).mean(0)
 
 
+@dataclass(frozen=True)
+class OverSeeds:
+    """An accuracy over training seeds: the interval of the per-image mean over the seeds (``pooled``), and
+    each seed's own accuracy on the same images."""
+
+    pooled: Estimate
+    per_seed: tuple[float, ...]
+
+    @property
+    def sd(self) -> float:
+        """The standard deviation of the seeds' accuracies (NaN for one seed)."""
+        return float(np.std(self.per_seed, ddof=1)) if len(self.per_seed) > 1 else float("nan")
+
+    def __str__(self) -> str:
+        return f"{self.pooled}, sd {100 * self.sd:.1f} over {len(self.per_seed)} seeds"
+
+
+def over_seeds(per_seed, level: float = 0.95) -> OverSeeds:
+    """Per-example outcomes of each seed (the same images, or a common prefix of them) as an OverSeeds."""
+    n = min(len(t) for t in per_seed)
+    cut = [torch.as_tensor(t)[:n] for t in per_seed]
+    return OverSeeds(accuracy_interval(pooled(cut), level), tuple(float(t.double().mean()) for t in cut))
+
+
 def seed_summary(values, level: float = 0.95) -> dict:
     """Mean, standard deviation and a t interval for the mean of one number measured over training seeds."""
     _check_level(level)

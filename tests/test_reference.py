@@ -152,3 +152,31 @@ def test_a_randomized_defense_is_scored_on_the_first_randomized_n():
     assert len(scored(P, det, x, y)[1]) == P.n_test and len(scored(P, rand, x, y)[1]) == P.randomized_n
     a, b = common(torch.ones(5), torch.zeros(3))
     assert len(a) == len(b) == 3
+
+
+def test_the_reference_table_pools_the_seeds_of_stored_runs(tmp_path):
+    from defenses_lib.comparison import reference_table
+    from defenses_lib.evaluation import table_html
+    from defenses_lib.stats import OverSeeds
+
+    def run_of(seed, with_aa):
+        right = torch.arange(100) < 80 + 10 * seed                   # 80% clean in seed 0, 90% in seed 1
+        robust = torch.arange(100) < 40 + 20 * seed                  # 40% and 60% in the worst case
+        res = {"l_inf 0.1": RobustResult({"clean": right, "PGD": robust})}
+        if with_aa:
+            res["l_inf 0.1 + AutoAttack (first 50)"] = RobustResult({"clean": right[:50], "AutoAttack": robust[:50]})
+        records = [{"kind": reference.KIND, "name": k, "value": reference.encode(v)} for k, v in {
+            "results": {"smoothed": res, "plain": {"l_inf 0.1": res["l_inf 0.1"]}},
+            "certified": {"smoothed": {0.25: robust}}}.items()]
+        reference.store(reference.path_of("comparison", "reference", seed, tmp_path), {"seed": seed}, records)
+
+    run_of(0, with_aa=True)
+    run_of(1, with_aa=False)
+    table = reference_table(reference.load("comparison", results=tmp_path), radii=(0.25,))
+    cell = table["smoothed"]["worst case, l_inf 0.1"]
+    assert isinstance(cell, OverSeeds) and cell.per_seed == (0.4, 0.6) and cell.pooled.value == pytest.approx(0.5)
+    assert cell.sd == pytest.approx(0.1414, abs=1e-3) and cell.pooled.n == 100
+    assert table["smoothed"]["worst case, l_inf 0.1 + AutoAttack (first 50)"].per_seed == (0.8,), "seed 0 only"
+    assert table["smoothed"]["certified, l_2 r = 0.25"].per_seed == (0.4, 0.6)
+    assert table["plain"]["certified, l_2 r = 0.25"] == "–" and table["plain"]["clean"].per_seed == (0.8, 0.9)
+    assert "sd 14.1" in table_html(table) and "1 seed" in table_html(table)
