@@ -290,6 +290,7 @@ class Armor(LinfEvaluation, Profile):
     train_eps: float = setting("l_inf budget of FGSM-AT and PGD-AT", 0.1)
     train_steps: int = setting("PGD steps of PGD-AT", 3)
     train_step: float = setting("PGD step size of PGD-AT", 0.04)
+    matched_eps: float = setting("l_inf budget of 'PGD-AT matched': the radius ARMOR_D's ascent reaches", 0.2)
     armor_clip: bool = setting("keep transported pixels in [0, 1]", False)
     armor_positivity: str = setting("how lambda stays positive: 'softplus' or 'reset'", "softplus")
     armor: dict = setting("the ARMOR_D variants, by model name", factory=dict)
@@ -440,7 +441,8 @@ REFERENCE: dict[str, Profile] = {
                                                   strength_n=100),
     "smoothing": QUICK["smoothing"].replace(**_REF, n_test=500, cert_n=10_000, selector_draws=10_000, aa_n=500,
                                             sanity_n=200, square_queries=5_000, strength_n=100),
-    "armor": QUICK["armor"].replace(**_REF, **_REF_AA, n_test=1_000, aa_n=1_000, sanity_n=500),
+    "armor": QUICK["armor"].replace(**_REF, **_REF_AA, n_test=1_000, aa_n=1_000, sanity_n=500, models=(
+        *QUICK["armor"].models, "ARMOR_D KL uniform", "PGD-AT matched")),
     "drsl": QUICK["drsl"].replace(**_REF, **_REF_AA, n_test=1_000, aa_n=1_000, sanity_n=500),
     "comparison": QUICK["comparison"].replace(**_REF, **_REF_AA, n_test=1_000, randomized_n=500, certified_n=200,
                                               aa_n=200, aa_seeds=(0,), sanity_n=200),

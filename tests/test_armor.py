@@ -9,7 +9,8 @@ from torch import nn
 import torch.nn.functional as F
 
 from defenses_lib.attacks import best_of, rfgsm_k, signed_ascent
-from defenses_lib.defenses.armor import ArmorLoss, RFGSMAdversarialLoss, TransportCost, f_star_alpha
+from defenses_lib.defenses.armor import (ArmorLoss, RFGSMAdversarialLoss, TransportCost, UniformArmorLoss,
+                                         armor_losses, f_star_alpha)
 from defenses_lib.evaluation import error_rates
 from defenses_lib.training import train
 
@@ -65,6 +66,39 @@ def test_forward_is_the_dual_of_the_transported_losses_mixed_with_the_natural_lo
     s = F.cross_entropy(model(x_adv), y, reduction="none") / loss.lam - loss.cost(x, x_adv)
     expected = 0.3 * F.cross_entropy(model(x), y) + 0.7 * (0.01 * loss.lam + loss.lam * (s.exp().mean().log()))
     assert loss(model, x, y).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_the_uniform_ablation_weighs_examples_equally_and_learns_lambda_as_armor_does():
+    """Its network gradient is that of the mean transported cross-entropy (mixed with the natural one); its
+    lambda gradient is ARMOR_D's; its value is the transported loss."""
+    (x, y), args = batch(), dict(eps=0.01, cost=TransportCost(0.05, 2, 1.0), steps=4, step_size=0.02, t=0.3)
+    grads = {}
+    for kind in (ArmorLoss, UniformArmorLoss):
+        model, loss = linear_model(), kind(**args)
+        x_adv = loss.transport(model, x, y)
+        value = loss(model, x, y)
+        value.backward()
+        grads[kind] = (model[1].weight.grad.clone(), loss.raw_lam.grad.clone(), value.item(), x_adv)
+    model = linear_model()
+    x_adv = grads[UniformArmorLoss][3]
+    plain = 0.3 * F.cross_entropy(model(x), y) + 0.7 * F.cross_entropy(model(x_adv), y)
+    plain.backward()
+    assert torch.equal(grads[ArmorLoss][3], x_adv), "the same transport"
+    assert torch.allclose(grads[UniformArmorLoss][0], model[1].weight.grad, atol=1e-6)
+    assert not torch.allclose(grads[ArmorLoss][0], model[1].weight.grad, atol=1e-4), "ARMOR_D re-weights"
+    assert torch.allclose(grads[UniformArmorLoss][1], grads[ArmorLoss][1], atol=1e-6), "the same dual for lambda"
+    assert grads[UniformArmorLoss][2] == pytest.approx(plain.item(), rel=1e-5)
+    assert torch.equal(UniformArmorLoss(**args).sample_weights(torch.rand(5), torch.rand(5)), torch.ones(5))
+
+
+def test_the_ablations_are_named_models_and_an_unknown_one_is_refused():
+    from defenses_lib.profiles import get_profile
+    P = get_profile("armor", "reference")
+    losses = armor_losses(P)
+    assert isinstance(losses["ARMOR_D KL uniform"], UniformArmorLoss)
+    assert losses["PGD-AT matched"].eps == P.matched_eps == 0.2 and list(losses) == list(P.models)
+    with pytest.raises(ValueError, match="models must be among"):
+        armor_losses(P.replace(models=("ARMOR_D typo",)))
 
 
 def test_lambda_stays_positive_under_both_parametrisations():

@@ -208,6 +208,26 @@ class TransportDiagnostics:
                 f"{100 * self.top_share():.0f}% of the weight; effective size {100 * self.effective_size:.0f}%")
 
 
+class UniformArmorLoss(ArmorLoss):
+    """The re-weighting ablation of ARMOR_D: the same transport and the same lambda (and nu), learned on
+    the same dual, but the network trains on the transported losses with equal weights, as adversarial
+    training does. Against :class:`ArmorLoss` it tells whether ARMOR_D's gain comes from the re-weighting
+    or from the transport."""
+
+    def forward(self, model, x, y):
+        x_adv, losses, s = self.scores(model, x, y)
+        cost = self.cost(x, x_adv).detach()
+        dual = self.dual(losses.detach() / self.lam - cost, self.lam)   # trains lambda (and nu) only
+        robust = losses.mean() + dual - dual.detach()                  # its value: the transported loss
+        if self.t == 0:
+            return robust
+        return self.t * F.cross_entropy(model(x), y) + (1 - self.t) * robust
+
+    def sample_weights(self, losses: torch.Tensor, costs: torch.Tensor) -> torch.Tensor:
+        """Every example weighs 1."""
+        return torch.ones_like(losses)
+
+
 class RFGSMAdversarialLoss(Configured, nn.Module):
     """Adversarial training on binary features (SLEIPNIR's rFGSM^k baseline): cross-entropy on rFGSM^k examples."""
 
@@ -229,20 +249,29 @@ def binary_losses(P) -> dict[str, nn.Module]:
 
 
 def armor_losses(P) -> dict[str, nn.Module]:
-    """Chapter 4's MNIST training losses: natural, FGSM-AT, PGD-AT and the ARMOR_D variants."""
+    """Chapter 4's MNIST training losses by name, those of ``P.models``: natural, FGSM-AT, PGD-AT, the
+    ARMOR_D variants of ``P.armor``, and two ablations: each variant with uniform sample weights
+    ("<variant> uniform") and PGD-AT at ``P.matched_eps``, the radius ARMOR_D's ascent reaches ("PGD-AT
+    matched", its step scaled with the budget)."""
+    matched_step = P.train_step * P.matched_eps / P.train_eps
     losses = {"natural": CrossEntropy(),
               "FGSM-AT": PGDAdversarialLoss(P.train_eps, steps=1, alpha=P.train_eps, random_start=False),
-              "PGD-AT": PGDAdversarialLoss(P.train_eps, steps=P.train_steps, alpha=P.train_step)}
+              "PGD-AT": PGDAdversarialLoss(P.train_eps, steps=P.train_steps, alpha=P.train_step),
+              "PGD-AT matched": PGDAdversarialLoss(P.matched_eps, steps=P.train_steps, alpha=matched_step)}
     for name, v in P.armor.items():
         losses[name] = armor_loss(v, clip=P.armor_clip, positivity=P.armor_positivity)
+        losses[f"{name} uniform"] = armor_loss(v, UniformArmorLoss, clip=P.armor_clip, positivity=P.armor_positivity)
+    unknown = [m for m in P.models if m not in losses]
+    if unknown:
+        raise ValueError(f"models must be among {list(losses)}, got {unknown}")
     return {k: losses[k] for k in P.models}
 
 
-def armor_loss(v, **options) -> ArmorLoss:
-    """An ``ArmorLoss`` from one ``profiles.ArmorVariant``."""
-    return ArmorLoss(v.budget, TransportCost(v.cost_weight, v.cost_norm, v.cost_power), divergence=v.divergence,
-                     alpha=v.order, steps=v.ascent_steps, step_size=v.ascent_step, t=v.natural_weight,
-                     softplus_beta=v.softplus_beta, lr=v.dual_lr, **options)
+def armor_loss(v, kind: type = ArmorLoss, **options) -> ArmorLoss:
+    """An ``ArmorLoss`` (or the ``kind`` given, a subclass) from one ``profiles.ArmorVariant``."""
+    return kind(v.budget, TransportCost(v.cost_weight, v.cost_norm, v.cost_power), divergence=v.divergence,
+                alpha=v.order, steps=v.ascent_steps, step_size=v.ascent_step, t=v.natural_weight,
+                softplus_beta=v.softplus_beta, lr=v.dual_lr, **options)
 
 
 def build(P, train_set, device=None, names=None) -> dict[str, Defense]:
