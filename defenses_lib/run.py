@@ -266,9 +266,9 @@ def main(argv=None) -> int:
 
 
 def uncommitted() -> str:
-    """What differs from the commit in the library and the chapters ('' if nothing; the error outside git)."""
+    """What differs from the commit in the library and the chapters, new files included ('' if nothing)."""
     try:
-        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "defenses_lib", "book"],
+        out = subprocess.run(["git", "status", "--porcelain", "--", "defenses_lib", "book"],
                              capture_output=True, text=True, check=True, cwd=BOOK.parent)
     except (OSError, subprocess.CalledProcessError) as e:
         return f"not a git clone ({e})"
