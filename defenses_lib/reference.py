@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .evaluation import RobustResult
-from .runtime import record
+from .runtime import atomic_write, record
 from .stats import pooled  # noqa: F401  (re-exported: the seeds of a stored run, averaged per image)
 
 KIND = "outcomes"                  # the runner's record kind of what keep() hands it
@@ -102,8 +102,6 @@ def path_of(chapter: str, profile: str, seed: int, results: Path | None = None) 
 
 def store(path: Path, about: dict, records: list[dict]) -> Path:
     """Write a run's ``about`` and the values its chapter kept (its ``outcomes`` records) to ``path``."""
-    from .runtime import atomic_write
-
     kept = {r["name"]: r["value"] for r in records if r.get("kind") == KIND}
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps({**about, "kept": kept}, separators=(",", ":")) + "\n"
