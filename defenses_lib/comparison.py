@@ -181,11 +181,27 @@ def reference_table(runs, radii) -> dict[str, dict]:
         res = [run["results"][name] for run in runs]
         row = {"clean": over_seeds([next(iter(r.values())).correct["clean"] for r in res])}
         row.update({f"worst case, {t}": over_seeds([r[t].worst_case for r in res if t in r]) for t in res[0]})
-        certified = [run["certified"].get(name) for run in runs]
+        certified = [run.kept.get("certified", {}).get(name) for run in runs]
         row.update({f"certified, l_2 r = {r:g}": over_seeds([c[r] for c in certified]) if certified[0] else "–"
                     for r in radii})
         table[name] = row
     return table
+
+
+def seed_outcomes(runs, names, threat: str, outcome: str = "worst case") -> dict[str, list[torch.Tensor]]:
+    """Per defense of ``names``, each stored seed's per-example ``outcome`` ("worst case" or "clean") at
+    ``threat``, cut to the test images every one of them was scored on: the inputs of a claim over seeds."""
+    if outcome not in ("worst case", "clean"):
+        raise ValueError(f"outcome must be 'worst case' or 'clean', got {outcome!r}")
+    per = {}
+    for n in names:
+        missing = [run.seed for run in runs if threat not in run["results"].get(n, {})]
+        if missing:
+            raise KeyError(f"no result for {n!r} at {threat!r} in the stored seeds {missing}")
+        res = [run["results"][n][threat] for run in runs]
+        per[n] = [r.worst_case if outcome == "worst case" else r.correct["clean"] for r in res]
+    k = min(len(t) for seeds in per.values() for t in seeds)
+    return {n: [t[:k] for t in seeds] for n, seeds in per.items()}
 
 
 def training_cost(defense: Defense, standard_flops: float, n_train: int, x: torch.Tensor, y: torch.Tensor) -> dict:

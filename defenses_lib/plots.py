@@ -260,6 +260,31 @@ def comparison_figure(summary: dict[str, dict], costs: dict[str, dict], column: 
     return fig
 
 
+def reference_figure(table: dict[str, dict], columns: list[str], title: str = ""):
+    """Chapter 6's reference run: per defense (a row) and column (a panel), the accuracy pooled over the
+    training seeds with its 95% interval, and each seed's own accuracy as a small open marker."""
+    names = list(table)
+    fig, axes = plt.subplots(1, len(columns), figsize=(3.2 * len(columns) + 1.5, 0.42 * len(names) + 1.4),
+                             sharey=True, squeeze=False)
+    for ax, c in zip(axes[0], columns):
+        for k, n in enumerate(names):
+            cell = table[n][c]
+            if isinstance(cell, str):   # "–": the defense does not have this column
+                continue
+            e = cell.pooled
+            ax.errorbar(100 * e.value, k, xerr=[[max(100 * (e.value - e.low), 0)], [max(100 * (e.high - e.value), 0)]],
+                        fmt="o", color="C0", ms=5, capsize=2.5, lw=1.2)
+            ax.scatter([100 * v for v in cell.per_seed], [k] * len(cell.per_seed), s=18, facecolors="none",
+                       edgecolors="C1", zorder=3, lw=0.9)
+        ax.set(title=c, xlim=(0, 100), xlabel="accuracy (%)")
+        ax.grid(axis="x", alpha=0.3)
+    axes[0][0].set_yticks(range(len(names)), names)
+    axes[0][0].invert_yaxis()
+    fig.suptitle(title or "pooled over the seeds with 95% interval (blue); each seed (orange circles)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def strength_figure(sweeps: dict, used: tuple[int, int] | None = None, tol: float = 0.03, title: str = ""):
     """Accuracy (%, 95% intervals) against the attack's EOT draws per step and against its steps, one
     line per :class:`~defenses_lib.strength.StrengthSweep`; each arm's plateau ringed, ``used`` (the

@@ -94,6 +94,15 @@ class StoredRun:
             raise KeyError(f"the run of seed {self.seed} kept {sorted(self.kept)}, not {name!r}")
         return self.kept[name]
 
+    def describe(self) -> str:
+        """The seed, the commit, the wall time and the machine; on a second line, the command."""
+        a = self.about
+        hours, minutes = divmod(round(a.get("seconds", 0) / 60), 60)
+        failed = a.get("cells with failed claims") or []
+        note = f"; claims failed in cells {failed}" if failed else ""
+        return (f"seed {self.seed}: commit {str(a.get('commit', '?'))[:7]}, {hours} h {minutes:02d} min on "
+                f"{a.get('machine', '?')}{note}\n    {a.get('command', '?')}")
+
 
 def path_of(chapter: str, profile: str, seed: int, results: Path | None = None) -> Path:
     """Where the run of ``chapter`` at ``profile`` and ``seed`` is stored (under the repository's results/)."""

@@ -180,3 +180,48 @@ def test_the_reference_table_pools_the_seeds_of_stored_runs(tmp_path):
     assert table["smoothed"]["certified, l_2 r = 0.25"].per_seed == (0.4, 0.6)
     assert table["plain"]["certified, l_2 r = 0.25"] == "–" and table["plain"]["clean"].per_seed == (0.8, 0.9)
     assert "sd 14.1" in table_html(table) and "1 seed" in table_html(table)
+
+
+def _stored(tmp_path, seed, outcomes):
+    """Store a comparison run of ``seed`` whose results are ``outcomes`` ({defense: {threat: RobustResult}})."""
+    records = [{"kind": reference.KIND, "name": "results", "value": reference.encode(outcomes)}]
+    about = {"seed": seed, "commit": "0123456789abcdef", "seconds": 3_900, "machine": "Linux x86_64, 2 CPUs",
+             "command": f"python -m defenses_lib.run comparison --profile reference --seed {seed} --store"}
+    reference.store(reference.path_of("comparison", "reference", seed, tmp_path), about, records)
+
+
+def test_seed_outcomes_cut_every_seed_to_the_images_all_defenses_were_scored_on(tmp_path):
+    from defenses_lib.comparison import seed_outcomes
+    T, F = True, False
+    for seed in (0, 1):
+        _stored(tmp_path, seed, {
+            "det": {"t": RobustResult({"clean": torch.tensor([T, T, F, T]), "PGD": torch.tensor([T, F, F, seed == 1])})},
+            "rand": {"t": RobustResult({"clean": torch.tensor([0.9, 0.2, 0.7]), "PGD": torch.tensor([0.5, 0.1, 0.6])})}})
+    runs = reference.load("comparison", results=tmp_path)
+    worst = seed_outcomes(runs, ["det", "rand"], "t")
+    assert [t.tolist() for t in worst["det"]] == [[T, F, F], [T, F, F]], "cut to the randomized defense's 3 images"
+    assert torch.allclose(worst["rand"][1], torch.tensor([0.5, 0.1, 0.6]))
+    assert [t.tolist() for t in seed_outcomes(runs, ["det"], "t", "clean")["det"]] == [[T, T, F, T]] * 2
+    with pytest.raises(ValueError, match="outcome must be"):
+        seed_outcomes(runs, ["det"], "t", "best case")
+    with pytest.raises(KeyError, match="'det' at 'u'.*\\[0, 1\\]"):
+        seed_outcomes(runs, ["det"], "u")
+    assert runs[1].describe() == ("seed 1: commit 0123456, 1 h 05 min on Linux x86_64, 2 CPUs\n"
+                                  "    python -m defenses_lib.run comparison --profile reference --seed 1 --store")
+
+
+def test_the_reference_figure_draws_each_seed_and_the_pooled_interval(tmp_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    from defenses_lib.comparison import reference_table
+    from defenses_lib.plots import reference_figure
+    for seed in (0, 1, 2):
+        right = torch.arange(50) < 30 + 5 * seed
+        _stored(tmp_path, seed, {n: {"t": RobustResult({"clean": right, "PGD": right & (torch.arange(50) % 2 == 0)})}
+                                 for n in ("a", "b")})
+    table = reference_table(reference.load("comparison", results=tmp_path), radii=())
+    fig = reference_figure(table, ["clean", "worst case, t"])
+    assert len(fig.axes) == 2
+    seeds_drawn = [c for c in fig.axes[0].collections if len(c.get_offsets()) == 3]
+    assert len(seeds_drawn) == 2, "one marker per seed, for each of the two defenses"
+    assert sorted(float(v) for v in seeds_drawn[0].get_offsets()[:, 0]) == [60.0, 70.0, 80.0]
