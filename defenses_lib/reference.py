@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,6 +117,34 @@ def store(path: Path, about: dict, records: list[dict]) -> Path:
     text = json.dumps({**about, "kept": kept}, separators=(",", ":")) + "\n"
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
     return path
+
+
+def partial_of(path: Path) -> Path:
+    """Where a run to be stored at ``path`` keeps its finished evaluations while under way (``seed-N-partial/``):
+    committed at the end of a session, they let the next session's run of the same command resume there."""
+    return path.with_name(f"{path.stem}-partial")
+
+
+def save_partial(path: Path, evaluations: Path) -> int:
+    """Copy the finished evaluations in ``evaluations`` that ``partial_of(path)`` lacks there; how many."""
+    target, new = partial_of(path), 0
+    for entry in sorted(Path(evaluations).glob("*.pt")):
+        if not (target / entry.name).is_file():
+            target.mkdir(parents=True, exist_ok=True)
+            atomic_write(target / entry.name, lambda tmp, entry=entry: shutil.copyfile(entry, tmp))
+            new += 1
+    return new
+
+
+def restore_partial(path: Path, evaluations: Path) -> int:
+    """Copy the evaluations an earlier, unfinished run left in ``partial_of(path)`` into ``evaluations``; how
+    many. Each is checked (its digest) when the cache reads it, and used only where its key matches."""
+    entries = sorted(partial_of(path).glob("*.pt"))
+    Path(evaluations).mkdir(parents=True, exist_ok=True)
+    for entry in entries:
+        if not (Path(evaluations) / entry.name).is_file():
+            atomic_write(Path(evaluations) / entry.name, lambda tmp, entry=entry: shutil.copyfile(entry, tmp))
+    return len(entries)
 
 
 def load(chapter: str, profile: str = "reference", results: Path | None = None) -> list[StoredRun]:

@@ -22,6 +22,13 @@ machine and the wall time, to ``results/<chapter>/<profile>/seed-<N>.json`` (see
 :mod:`defenses_lib.reference`), once every cell has run (a failed claim does not stop it; a broken cell
 does); the library and the chapters must be committed, since the file cites the commit.
 
+With ``--store`` the finished evaluations are also copied, every minute, to
+``results/<chapter>/<profile>/seed-<N>-partial/`` (a few kilobytes each), and that folder is removed
+once the run is stored. A run that a session's end interrupts resumes in a fresh clone: commit that
+folder, and the same command at the same commit retrains the models and reads back every finished
+evaluation whose key still matches (each is keyed by the weights it evaluated: where the retrained
+weights are identical, as with the same machine, commit and thread count, that is all of them).
+
 Running the same command again resumes: models whose checkpoints are complete are loaded, an
 interrupted training continues from its last finished epoch, and every evaluation that finished is
 read back from ``checkpoints/evaluations/`` (see :mod:`defenses_lib.cache`) instead of run again,
@@ -47,8 +54,10 @@ import base64
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
+import threading
 import time
 from functools import partial
 from pathlib import Path
@@ -142,6 +151,20 @@ def write_metrics(out: Path, metrics: dict, log: Path) -> dict:
     return metrics
 
 
+def keep_saving(path: Path, evaluations: Path, every: float = 60.0) -> threading.Event:
+    """Copy the run's finished evaluations to ``reference.partial_of(path)`` every ``every`` seconds (to commit
+    at a session's end, so that the next session resumes), until the returned event is set."""
+    stop = threading.Event()
+
+    def loop():
+        """Save, then wait; until stopped."""
+        while not stop.wait(every):
+            reference.save_partial(path, evaluations)
+
+    threading.Thread(target=loop, daemon=True).start()
+    return stop
+
+
 def run_notebook(notebook: Path, out: Path, profile: str, cwd: Path, writes: bool = True,
                  estimating: bool = False, seed: int | None = None, store: tuple[Path, dict] | None = None) -> dict:
     """Execute ``notebook`` cell by cell with ``profile`` (and training ``seed``, if given), writing into
@@ -167,6 +190,12 @@ def run_notebook(notebook: Path, out: Path, profile: str, cwd: Path, writes: boo
                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cells": [], "errors": []}
     client = NotebookClient(nb, timeout=None, kernel_name="python3", resources={"metadata": {"path": str(cwd)}},
                             record_timing=False, extra_arguments=["--IPKernelApp.capture_fd_output=False"])
+    evaluations = out / "checkpoints" / "evaluations"
+    saving = None
+    if store is not None and writes:
+        if found := reference.restore_partial(store[0], evaluations):
+            print(f"resuming: {found} finished evaluations from {reference.partial_of(store[0])}", file=sys.stderr)
+        saving = keep_saving(store[0], evaluations)
     t_run = time.perf_counter()
     with client.setup_kernel(env=env):  # the kernel's environment only: this process's stays as it was
         code = [(i, c) for i, c in enumerate(nb.cells) if c.cell_type == "code"]
@@ -185,6 +214,9 @@ def run_notebook(notebook: Path, out: Path, profile: str, cwd: Path, writes: boo
             if error and not error.startswith("AssertionError") and not estimating:
                 break  # a broken cell, not a claim that failed: later cells would only fail after it
     metrics["seconds"] = round(time.perf_counter() - t_run, 1)
+    if saving is not None:
+        saving.set()
+        reference.save_partial(store[0], evaluations)
     if not writes:
         return dict(metrics, trainings=[], evaluations=[], sanity_checks=[])
     metrics = write_metrics(out, metrics, log)
@@ -195,6 +227,7 @@ def run_notebook(notebook: Path, out: Path, profile: str, cwd: Path, writes: boo
         metrics["stored"] = str(reference.store(path, {**about, "commit": metrics["commit"], "torch": metrics["torch"],
                                                        "started": metrics["started"], "seconds": metrics["seconds"],
                                                        "cells with failed claims": failed}, read_records(log)))
+        shutil.rmtree(reference.partial_of(path), ignore_errors=True)   # the run is stored: nothing to resume
     log.unlink(missing_ok=True)
     return metrics
 

@@ -194,9 +194,9 @@ def test_seed_outcomes_cut_every_seed_to_the_images_all_defenses_were_scored_on(
     from defenses_lib.comparison import seed_outcomes
     T, F = True, False
     for seed in (0, 1):
-        _stored(tmp_path, seed, {
-            "det": {"t": RobustResult({"clean": torch.tensor([T, T, F, T]), "PGD": torch.tensor([T, F, F, seed == 1])})},
-            "rand": {"t": RobustResult({"clean": torch.tensor([0.9, 0.2, 0.7]), "PGD": torch.tensor([0.5, 0.1, 0.6])})}})
+        det = RobustResult({"clean": torch.tensor([T, T, F, T]), "PGD": torch.tensor([T, F, F, seed == 1])})
+        rand = RobustResult({"clean": torch.tensor([0.9, 0.2, 0.7]), "PGD": torch.tensor([0.5, 0.1, 0.6])})
+        _stored(tmp_path, seed, {"det": {"t": det}, "rand": {"t": rand}})
     runs = reference.load("comparison", results=tmp_path)
     worst = seed_outcomes(runs, ["det", "rand"], "t")
     assert [t.tolist() for t in worst["det"]] == [[T, F, F], [T, F, F]], "cut to the randomized defense's 3 images"
@@ -225,3 +225,26 @@ def test_the_reference_figure_draws_each_seed_and_the_pooled_interval(tmp_path):
     seeds_drawn = [c for c in fig.axes[0].collections if len(c.get_offsets()) == 3]
     assert len(seeds_drawn) == 2, "one marker per seed, for each of the two defenses"
     assert sorted(float(v) for v in seeds_drawn[0].get_offsets()[:, 0]) == [60.0, 70.0, 80.0]
+
+
+def test_a_stored_run_cut_short_resumes_from_its_committed_partial_evaluations(toy_book, monkeypatch):
+    """A run broken after an evaluation leaves it in seed-N-partial/; a run in a fresh output folder (a new
+    clone) reads it back instead of computing it, stores the seed and removes the partial folder."""
+    cells = ["from defenses_lib.cache import cached\nfrom defenses_lib.reference import keep\nimport os, torch\n"
+             "torch.manual_seed(0)   # the key holds the random state, as a chapter sets it",
+             "value, hit = cached('toy', ['an evaluation'], lambda: torch.arange(3) > 0)\nprint('hit', hit)\n"
+             "keep(outcomes=value)",
+             "assert os.environ.get('TOY_BROKEN') != '1' or 1 / 0"]
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells]),
+                   toy_book / "book" / run.CHAPTERS["foundations"])
+    monkeypatch.setenv("TOY_BROKEN", "1")
+    args = ["foundations", "--profile", "reference", "--seed", "4", "--store", "--out"]
+    assert run.main(args + [str(toy_book / "first")]) == 1
+    path = reference.path_of("foundations", "reference", 4)
+    assert not path.exists() and len(list(reference.partial_of(path).glob("toy-*.pt"))) == 1
+    monkeypatch.setenv("TOY_BROKEN", "0")
+    assert run.main(args + [str(toy_book / "fresh")]) == 0
+    executed = nbformat.read(toy_book / "fresh" / run.CHAPTERS["foundations"], as_version=4)
+    assert executed.cells[1].outputs[0].text == "hit True\n", "read back, not computed again"
+    assert reference.load("foundations", results=toy_book / "results")[0]["outcomes"].tolist() == [False, True, True]
+    assert not reference.partial_of(path).exists()
