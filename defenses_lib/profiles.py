@@ -445,7 +445,7 @@ REFERENCE: dict[str, Profile] = {
         *QUICK["armor"].models, "ARMOR_D KL uniform", "PGD-AT matched")),
     "drsl": QUICK["drsl"].replace(**_REF, **_REF_AA, n_test=1_000, aa_n=1_000, sanity_n=500),
     "comparison": QUICK["comparison"].replace(**_REF, **_REF_AA, n_test=1_000, randomized_n=500, certified_n=200,
-                                              aa_n=200, aa_seeds=(0,), sanity_n=200),
+                                              aa_n=100, aa_seeds=(0,), sanity_n=200),
 }
 
 PROFILES: dict[str, dict[str, Profile]] = {c: {"quick": QUICK[c], "reference": REFERENCE[c], "paper": PAPER[c]}
