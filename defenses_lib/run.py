@@ -20,7 +20,8 @@ With ``--seed N`` the kernel gets ``DEFENSES_SEED=N``, which replaces the profil
 ``reference.keep(...)`` (its per-example outcomes) is written, with the command, the commit, the
 machine and the wall time, to ``results/<chapter>/<profile>/seed-<N>.json`` (see
 :mod:`defenses_lib.reference`), once every cell has run (a failed claim does not stop it; a broken cell
-does); the library and the chapters must be committed, since the file cites the commit.
+does; a cell tagged ``stored-runs``, which reads the stored seeds, is skipped); the library and the
+chapters must be committed, since the file cites the commit.
 
 With ``--store`` the finished evaluations are also copied, every minute, to
 ``results/<chapter>/<profile>/seed-<N>-partial/`` (a few kilobytes each), and that folder is removed
@@ -74,6 +75,7 @@ from .runtime import METRICS_ENV, PROGRESS_ENV, atomic_write, progress
 from .training import RUNS_ENV
 
 BOOK = Path(__file__).resolve().parent.parent / "book"
+STORED_RUNS_TAG = "stored-runs"   # a cell that reads the stored reference runs: a --store run skips it
 CHAPTERS = {"foundations": "00_foundations.ipynb", "ensembles": "01_ensembles.ipynb", "purification": "02_atop.ipynb",
             "smoothing": "03_smoothing.ipynb", "armor": "04_armor.ipynb", "drsl": "05_drsl.ipynb",
             "comparison": "06_comparison.ipynb"}
@@ -200,6 +202,8 @@ def run_notebook(notebook: Path, out: Path, profile: str, cwd: Path, writes: boo
     with client.setup_kernel(env=env):  # the kernel's environment only: this process's stays as it was
         code = [(i, c) for i, c in enumerate(nb.cells) if c.cell_type == "code"]
         for i, cell in progress(code, f"{notebook.stem} ({profile})", enabled=writes):
+            if store is not None and STORED_RUNS_TAG in cell.metadata.get("tags", []):
+                continue   # it reads the stored seeds, of which this run is about to be one
             t0 = time.perf_counter()
             error = run_cell(client, cell, i)
             if error:

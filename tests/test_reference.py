@@ -110,6 +110,20 @@ def test_the_runner_stores_one_seed_of_a_reference_run(toy_book):
     assert "CPUs" in stored.about["machine"] and stored.about["commit"]
 
 
+def test_a_stored_run_skips_the_cells_that_read_the_stored_runs(toy_book):
+    path = toy_book / "book" / run.CHAPTERS["foundations"]
+    nb = nbformat.read(path, as_version=4)
+    nb.cells.insert(1, nbformat.v4.new_code_cell("raise RuntimeError('no stored run yet')",
+                                                 metadata={"tags": [run.STORED_RUNS_TAG]}))
+    nbformat.write(nb, path)
+    assert run.main(["foundations", "--profile", "reference", "--seed", "3", "--store", "--out",
+                     str(toy_book / "out")]) == 1, "the claim cell still fails"
+    assert reference.load("foundations", results=toy_book / "results")[0]["outcomes"].tolist() == [True] * 3 + [False]
+    assert run.main(["foundations", "--profile", "reference", "--out", str(toy_book / "plain")]) == 1
+    errors = json.loads((toy_book / "plain" / "metrics.json").read_text())["errors"]
+    assert [e["cell"] for e in errors] == [1] and "no stored run yet" in errors[0]["error"], "run without --store"
+
+
 def test_store_refuses_uncommitted_code_and_a_notebook(toy_book, monkeypatch, capsys):
     monkeypatch.setattr(run, "uncommitted", lambda: "M defenses_lib/attacks.py")
     with pytest.raises(SystemExit):
