@@ -147,10 +147,17 @@ def restore_partial(path: Path, evaluations: Path) -> int:
     return len(entries)
 
 
-def load(chapter: str, profile: str = "reference", results: Path | None = None) -> list[StoredRun]:
-    """Every stored run of ``chapter`` at ``profile``, by seed (an empty list if there is none)."""
+def load(chapter: str, profile: str = "reference", results: Path | None = None, at_least: int = 0) -> list[StoredRun]:
+    """Every stored run of ``chapter`` at ``profile``, by seed; fewer than ``at_least`` is an error that says
+    how to make one."""
+    folder = Path(results or RESULTS) / chapter / profile
+    found = sorted(folder.glob("seed-*.json"))
+    if len(found) < at_least:
+        raise FileNotFoundError(f"{folder} holds {len(found)} stored runs, at_least={at_least} were asked for; "
+                                f"make one with: python -m defenses_lib.run {chapter} --profile {profile} --seed N "
+                                f"--store")
     runs = []
-    for p in sorted((Path(results or RESULTS) / chapter / profile).glob("seed-*.json")):
+    for p in found:
         data = json.loads(p.read_text())
         kept = {name: decode(v) for name, v in data.pop("kept").items()}
         runs.append(StoredRun(int(data["seed"]), data, kept))

@@ -262,3 +262,9 @@ def test_a_stored_run_cut_short_resumes_from_its_committed_partial_evaluations(t
     assert executed.cells[1].outputs[0].text == "hit True\n", "read back, not computed again"
     assert reference.load("foundations", results=toy_book / "results")[0]["outcomes"].tolist() == [False, True, True]
     assert not reference.partial_of(path).exists()
+
+
+def test_load_says_how_to_make_a_run_when_too_few_are_stored(tmp_path):
+    assert reference.load("comparison", results=tmp_path) == []
+    with pytest.raises(FileNotFoundError, match="holds 0 stored runs, at_least=1.*--seed N --store"):
+        reference.load("comparison", results=tmp_path, at_least=1)
